@@ -1,0 +1,38 @@
+# The README's commands. `make test` is what CI runs (.ci/run).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU build of torch taken when no NVIDIA GPU is present. Machines whose pip cannot find it
+# locally can point PIP_INDEX_URL / PIP_EXTRA_INDEX_URL at PyTorch's CPU wheel index.
+TORCH_CPU ?= torch==2.13.0
+STAMP := $(VENV)/.focalloop-installed
+
+.PHONY: install lint typecheck pytest test clean
+
+install: $(STAMP)
+
+# Re-runs only when the project's requirements change, so a second `make install` is instant.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "NVIDIA GPU found: torch comes from the project's range (a CUDA build)"; \
+	else \
+		$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_CPU)"; \
+	fi
+	$(PIP) install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+pytest: install
+	$(VENV)/bin/pytest
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""Benchmarks behind `focalloop bench ...`: each returns plain rows the CLI renders and saves."""

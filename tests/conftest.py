@@ -1,0 +1,27 @@
+"""Shared fixtures: real data (scikit-learn's bundled digits), small enough for the CPU."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+from sklearn.datasets import load_digits
+
+
+@dataclass(frozen=True)
+class Digits:
+    """8x8 handwritten digits scaled to [0, 1]: features [n, 64], images [n, 8, 8], labels [n]."""
+
+    features: NDArray[np.float32]
+    images: NDArray[np.float32]
+    labels: NDArray[np.int64]
+
+
+@pytest.fixture(scope="session")
+def digits() -> Digits:
+    data = load_digits()
+    return Digits(
+        features=(data.data / 16.0).astype(np.float32),
+        images=(data.images / 16.0).astype(np.float32),
+        labels=data.target.astype(np.int64),
+    )
