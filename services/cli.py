@@ -1,16 +1,38 @@
 """The `focalloop` command: parse input, call down into services, render output."""
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, cast, get_args
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from services.bench.focal_loss import run_focal_loss_bench
+from services.bench.label_efficiency import run_label_efficiency_bench
 from services.bench.report import write_json
-from services.errors import FocalloopError
+from services.demo import DEMO_ARMS, digits_with_rare_class
+from services.errors import FocalloopError, InvalidInput
 from services.ml.train import resolve_device, torch_threads
+from services.selection.strategies import STRATEGIES
+from services.simulate import (
+    DEFAULT_STRATEGY,
+    Arm,
+    Dataset,
+    LossKind,
+    SimulationConfig,
+    load_dataset,
+    run_simulation,
+    with_random_baselines,
+)
+from services.simulate_report import plot_learning_curves, write_results
 
 app = typer.Typer(
     help="focalloop: an active-learning labeling loop built on focal-loss models.",
@@ -89,6 +111,209 @@ def bench_focal_loss(
                 summary={"max_eager_ratio": max(eager)},
             )
             console.print(f"wrote {json_path}")
+
+
+@bench_app.command("label-efficiency")
+def bench_label_efficiency(
+    seeds: Annotated[int, typer.Option(min=1)] = 5,
+    workers: Annotated[int, typer.Option(min=1)] = 2,
+    out: Annotated[Path, typer.Option(help="Where results.json and the plot go.")] = Path(
+        "bench-output/label-efficiency"
+    ),
+    json_path: JsonOption = None,
+) -> None:
+    """Labels needed on the demo setting: default vs least-confidence vs random, focal vs CE."""
+    result, figures = run_label_efficiency_bench(seeds=seeds, workers=workers)
+    write_results(result.summary, out)
+    plot_learning_curves(result.summary, out)
+    table = Table(title=f"label efficiency, digits 98:2 (8 rare), {seeds} seeds, mean [95% CI]")
+    for column in ("arm", "F1@300", "recall@300", "AUC F1 20-300", "labels to target"):
+        table.add_column(column, justify="left" if column == "arm" else "right")
+    for name, arm in figures["arms"].items():
+        median = arm["labels_to_target_median"]
+        table.add_row(
+            name,
+            _fmt(arm["minority_f1_at_300"]),
+            _fmt(arm["minority_recall_at_300"]),
+            _fmt(arm["auc_minority_f1_20_300"]),
+            f"{median:.0f}" if median is not None else f">{arm['labels_to_target_censored_at']}",
+        )
+    console.print(table)
+    console.print(f"full-pool minority F1 (the target): {_fmt(figures['full_pool_minority_f1'])}")
+    ratio = figures["labels_to_target_ratio_default_vs_random"]
+    bound = (
+        " (upper bound: random never reached it)"
+        if figures["labels_to_target_ratio_is_upper_bound"]
+        else ""
+    )
+    console.print(
+        f"labels-to-target ratio default/random: "
+        f"{'n/a' if ratio is None else f'{ratio:.3f}'}{bound}"
+    )
+    if json_path is not None:
+        write_json(
+            json_path,
+            benchmark="label-efficiency",
+            device=resolve_device("cpu"),
+            rows=[{"arm": name, **arm} for name, arm in figures["arms"].items()],
+            summary=figures,
+        )
+        console.print(f"wrote {json_path}")
+
+
+def _arms(strategies: list[str] | None, losses: list[str] | None) -> tuple[Arm, ...]:
+    known = [DEFAULT_STRATEGY, *STRATEGIES]
+    for name in strategies or []:
+        if name not in known:
+            raise InvalidInput(f"unknown --strategy {name!r}; choose from {', '.join(known)}")
+    for loss in losses or []:
+        if loss not in get_args(LossKind):
+            raise InvalidInput(f"unknown --loss {loss!r}; choose focal or ce")
+    arms = [
+        Arm(strategy, cast(LossKind, loss))
+        for strategy in strategies or [DEFAULT_STRATEGY]
+        for loss in losses or ["focal"]
+    ]
+    return with_random_baselines(arms)
+
+
+def _fmt(metric: dict[str, Any]) -> str:
+    low, high = metric["ci95"]
+    return f"{metric['mean']:.3f} [{low:.2f}, {high:.2f}]"
+
+
+def _run_and_report(dataset: Dataset, config: SimulationConfig, out: Path) -> dict[str, Any]:
+    jobs = config.seeds * (len(config.arms) + 1)
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("simulating (annotator: simulated)", total=jobs)
+        result = run_simulation(
+            dataset,
+            config,
+            on_progress=lambda message: progress.update(
+                task, advance=1, description=f"done: {message}"
+            ),
+        )
+    summary = result.summary
+    results_path = write_results(summary, out)
+    plot_path = plot_learning_curves(summary, out)
+    table = Table(
+        title=f"minority class {summary['minority_class']}, {config.seeds} seeds, "
+        "simulated annotator (mean [95% CI])"
+    )
+    for column in (
+        "arm",
+        "labels",
+        "minority F1",
+        "minority recall",
+        "macro-F1",
+        "AUC minority F1",
+        "labels to target",
+        "stopped by",
+    ):
+        table.add_column(column, justify="left" if column in ("arm", "stopped by") else "right")
+    for arm in summary["arms"]:
+        last = arm["rounds"][-1]
+        table.add_row(
+            arm["name"],
+            str(last["labels"]),
+            _fmt(last["minority_f1"]),
+            _fmt(last["minority_recall"]),
+            _fmt(last["macro_f1"]),
+            _fmt(arm["auc_minority_f1"]),
+            str(arm["labels_to_target"]["median"]),
+            ",".join(sorted(set(arm["stop_reasons"]))),
+        )
+    console.print(table)
+    full_pool = summary["full_pool_minority_f1"]["mean"]
+    console.print(
+        f"target for labels-to-target: the full-pool model's minority F1 per seed "
+        f"(mean {full_pool:.3f})"
+    )
+    console.print(f"wrote {results_path} and {plot_path}")
+    return summary
+
+
+@app.command()
+def simulate(
+    data: Annotated[Path, typer.Option(help="FILE.npz with X, y (optionally X_test, y_test).")],
+    out: Annotated[Path, typer.Option(help="Directory for results.json and the plot.")],
+    rare_class: Annotated[
+        int | None, typer.Option(help="The minority class (default: the least frequent).")
+    ] = None,
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds 0..N-1, the same for every arm.")] = 5,
+    rounds: Annotated[int, typer.Option(min=0, help="Labeling rounds after the initial set.")] = 15,
+    batch: Annotated[int, typer.Option(min=1, help="Items labeled per round.")] = 20,
+    init: Annotated[int, typer.Option(min=1, help="Initial labels (uniform, seeded).")] = 20,
+    budget: Annotated[int | None, typer.Option(min=1, help="Stop at this many labels.")] = None,
+    strategy: Annotated[
+        list[str] | None,
+        typer.Option(help="Arms' strategies: 'default' (the project default) or a strategy name."),
+    ] = None,
+    loss: Annotated[list[str] | None, typer.Option(help="Arms' losses: focal or ce.")] = None,
+    gamma: Annotated[float | None, typer.Option(min=0.0, help="Focal gamma.")] = None,
+    alpha: Annotated[
+        str | None, typer.Option(help="Focal alpha scheme: inverse_frequency or effective_number.")
+    ] = None,
+    noise: Annotated[
+        float, typer.Option(min=0.0, max=0.99, help="Simulated annotator's error rate.")
+    ] = 0.0,
+    plateau: Annotated[
+        int | None,
+        typer.Option(min=1, help="Stop when validation minority F1 stalls this many rounds."),
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 2,
+) -> None:
+    """Run the loop with a simulated annotator and compare arms (each gets a random twin)."""
+    config = SimulationConfig(
+        arms=_arms(strategy, loss),
+        seeds=seeds,
+        rounds=rounds,
+        batch=batch,
+        init=init,
+        budget=budget,
+        rare_class=rare_class,
+        gamma=gamma,
+        alpha=alpha,  # type: ignore[arg-type]
+        noise=noise,
+        plateau_rounds=plateau,
+        workers=workers,
+    )
+    _run_and_report(load_dataset(data), config, out)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Directory for results.json and the plot.")] = Path(
+        "demo-output"
+    ),
+    seeds: Annotated[int, typer.Option(min=1)] = 5,
+    workers: Annotated[int, typer.Option(min=1)] = 2,
+) -> None:
+    """`simulate` on scikit-learn's digits with digit 8 kept at 2% (98:2): default vs random,
+    focal vs cross-entropy, 20 initial labels, batches of 20, up to 300 labels."""
+    dataset = digits_with_rare_class()
+    console.print(
+        f"digits: {len(dataset.labels)} items, digit 8 = "
+        f"{int((dataset.labels == 8).sum())} of them; 30% held out for testing"
+    )
+    config = SimulationConfig(
+        arms=DEMO_ARMS,
+        seeds=seeds,
+        rounds=14,
+        batch=20,
+        init=20,
+        budget=300,
+        rare_class=8,
+        workers=workers,
+    )
+    _run_and_report(dataset, config, out)
 
 
 def main() -> None:

@@ -28,10 +28,10 @@ class ModelSpec:
     kind: ModelKind
     input_shape: tuple[int, ...]
     n_classes: int
-    hidden: tuple[int, ...] = (256, 256)
+    hidden: tuple[int, ...] = (256,)
     channels: tuple[int, ...] = (32, 64)
     embedding_dim: int = 128
-    dropout: float = 0.1
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in _MODEL_KINDS:

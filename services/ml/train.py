@@ -70,6 +70,13 @@ class TrainConfig:
     fitting; with fewer than `min_val_items` held out, training runs `max_epochs` without a
     validation split (tiny cold-start sets) and the temperature stays 1.
     autocast: "auto" = bf16 on CUDA, off on CPU; "bf16" forces it on either device.
+    early_stopping: what the kept epoch minimizes on the validation split. "error": the error
+    rate, ties broken by the loss; "loss": the loss alone. Validation loss bottoms out well
+    before the error does (the model keeps getting more accurate while growing overconfident,
+    which temperature scaling corrects afterwards), so "loss" stops too early on small sets.
+    min_steps: optimizer steps that run before early stopping may end training or keep an
+    epoch. Small labeled sets give a few steps per epoch, and patience counted in epochs then
+    stops a model that is still learning; a step floor keeps them training.
     threads: CPU threads for torch during this call (restored afterwards); None keeps the
     process setting.
     """
@@ -87,12 +94,16 @@ class TrainConfig:
     threads: int | None = None
     autocast: AutocastChoice = "auto"
     calibrate: bool = True
+    early_stopping: Literal["error", "loss"] = "error"
+    min_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1 or self.batch_size < 1 or self.patience < 1:
             raise ValueError("max_epochs, batch_size and patience must be >= 1")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.min_steps < 0:
+            raise ValueError(f"min_steps must be >= 0, got {self.min_steps}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
 
@@ -101,7 +112,8 @@ class TrainConfig:
 class TrainResult:
     """A trained model (on the CPU, eval mode) and how it got there.
 
-    train_loss/val_loss: mean loss per epoch (val_loss empty without a validation split).
+    train_loss/val_loss: mean loss per epoch; val_error: validation error rate per epoch (both
+    empty without a validation split).
     best_epoch: 0-based index of the epoch whose weights were kept.
     train_indices/val_indices: positions in the `items` given to `train`.
     class_counts: labels per class in the training split, [C].
@@ -112,6 +124,7 @@ class TrainResult:
     loss: LossSpec
     train_loss: list[float]
     val_loss: list[float]
+    val_error: list[float]
     best_epoch: int
     temperature: float
     ece_before: float | None
@@ -246,7 +259,9 @@ def train(
         shuffler = torch.Generator().manual_seed(config.seed)
         train_curve: list[float] = []
         val_curve: list[float] = []
-        best_epoch, best_val = 0, math.inf
+        error_curve: list[float] = []
+        best_epoch, best_key = 0, (math.inf, math.inf)
+        steps = 0
         best_state = copy.deepcopy(model.state_dict())
         for epoch in range(config.max_epochs):
             model.train()
@@ -265,22 +280,30 @@ def train(
                 if config.grad_clip_norm is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
                 optimizer.step()
+                steps += 1
                 total += batch_loss.detach() * len(batch)
             train_curve.append(float(total) / len(train_idx))
 
             if len(val_idx) == 0:
                 best_epoch = epoch
                 continue
-            val_loss = float(loss_fn(_logits(model, x_val, autocast, device), y_val))
+            val_logits = _logits(model, x_val, autocast, device)
+            val_loss = float(loss_fn(val_logits, y_val))
             if not math.isfinite(val_loss):
                 raise NonFiniteLossError(epoch=epoch, step=-1, value=val_loss)
+            val_error = float((val_logits.argmax(dim=1) != y_val).float().mean())
             val_curve.append(val_loss)
-            if val_loss < best_val:
-                best_epoch, best_val = epoch, val_loss
+            error_curve.append(val_error)
+            key = (val_error, val_loss) if config.early_stopping == "error" else (val_loss, 0.0)
+            if steps < config.min_steps:
+                best_epoch = epoch  # still below the step floor: judge nothing yet
+                continue
+            if key < best_key:
+                best_epoch, best_key = epoch, key
                 best_state = copy.deepcopy(model.state_dict())
             elif epoch - best_epoch >= config.patience:
                 break
-        if len(val_idx) > 0:
+        if best_key[0] < math.inf:  # some epoch was judged: keep the best one
             model.load_state_dict(best_state)
 
         temperature, ece_before, ece_after = 1.0, None, None
@@ -304,6 +327,7 @@ def train(
         loss=loss,
         train_loss=train_curve,
         val_loss=val_curve,
+        val_error=error_curve,
         best_epoch=best_epoch,
         temperature=temperature,
         ece_before=ece_before,

@@ -45,10 +45,16 @@ def test_training_is_deterministic_under_a_seed(digits: Digits) -> None:
     assert third.train_loss != first.train_loss
 
 
-def test_early_stopping_keeps_the_best_validation_epoch(digits: Digits) -> None:
-    result = fit_digits(digits, TrainConfig(max_epochs=300, patience=5, threads=1))
-    assert len(result.val_loss) < 300
-    assert result.best_epoch == int(np.argmin(result.val_loss))
+@pytest.mark.parametrize("criterion", ["error", "loss"])
+def test_early_stopping_keeps_the_best_validation_epoch(digits: Digits, criterion: str) -> None:
+    config = TrainConfig(max_epochs=300, patience=5, threads=1, early_stopping=criterion)  # type: ignore[arg-type]
+    result = fit_digits(digits, config)
+    assert len(result.val_loss) < 300 and len(result.val_error) == len(result.val_loss)
+    if criterion == "loss":
+        assert result.best_epoch == int(np.argmin(result.val_loss))
+    else:
+        keys = list(zip(result.val_error, result.val_loss, strict=True))
+        assert result.best_epoch == min(range(len(keys)), key=keys.__getitem__)
     assert len(result.val_loss) == result.best_epoch + 1 + 5
     assert len(result.val_indices) == 120 and len(result.train_indices) == 480
     assert not set(result.val_indices.tolist()) & set(result.train_indices.tolist())
@@ -163,3 +169,12 @@ def test_loss_spec_round_trips_and_ce_means_gamma_zero() -> None:
     assert LossSpec(kind="ce", gamma=3.0).build([5, 5]).gamma == 0.0
     with pytest.raises(ValueError, match="unknown loss spec keys"):
         LossSpec.from_dict({"kind": "focal", "temperature": 2})
+
+
+def test_min_steps_keeps_small_sets_training(digits: Digits) -> None:
+    # 100 labels -> 80 train items -> 2 steps per epoch; 200 steps = 100 epochs at least.
+    config = TrainConfig(max_epochs=300, patience=3, min_steps=200, threads=1)
+    result = fit_digits(digits, config, n=100)
+    assert result.best_epoch >= 99 and len(result.train_loss) >= 100
+    never_judged = fit_digits(digits, TrainConfig(max_epochs=5, min_steps=10_000, threads=1), n=100)
+    assert never_judged.best_epoch == 4 and len(never_judged.train_loss) == 5
