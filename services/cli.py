@@ -177,13 +177,18 @@ def _arms(strategies: list[str] | None, losses: list[str] | None) -> tuple[Arm, 
     return with_random_baselines(arms)
 
 
+def _labels(median: float | str) -> str:
+    """A labels-to-target median: a count, or a censored ">B" string."""
+    return f"{median:.0f}" if isinstance(median, float | int) else median
+
+
 def _fmt(metric: dict[str, Any]) -> str:
     low, high = metric["ci95"]
     return f"{metric['mean']:.3f} [{low:.2f}, {high:.2f}]"
 
 
 def _run_and_report(dataset: Dataset, config: SimulationConfig, out: Path) -> dict[str, Any]:
-    jobs = config.seeds * (len(config.arms) + 1)
+    jobs = config.seeds * (len(config.arms) + int(config.full_pool_reference))
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -207,19 +212,14 @@ def _run_and_report(dataset: Dataset, config: SimulationConfig, out: Path) -> di
         title=f"minority class {summary['minority_class']}, {config.seeds} seeds, "
         "simulated annotator (mean [95% CI])"
     )
-    for column in (
-        "arm",
-        "labels",
-        "minority F1",
-        "minority recall",
-        "macro-F1",
-        "AUC minority F1",
-        "labels to target",
-        "stopped by",
-    ):
+    reference = summary["full_pool_minority_f1"] is not None
+    columns = ["arm", "labels", "minority F1", "minority recall", "macro-F1", "AUC minority F1"]
+    columns += ["labels to target"] if reference else []
+    for column in [*columns, "stopped by"]:
         table.add_column(column, justify="left" if column in ("arm", "stopped by") else "right")
     for arm in summary["arms"]:
         last = arm["rounds"][-1]
+        needed = arm["labels_to_target"]
         table.add_row(
             arm["name"],
             str(last["labels"]),
@@ -227,15 +227,18 @@ def _run_and_report(dataset: Dataset, config: SimulationConfig, out: Path) -> di
             _fmt(last["minority_recall"]),
             _fmt(last["macro_f1"]),
             _fmt(arm["auc_minority_f1"]),
-            str(arm["labels_to_target"]["median"]),
+            *([] if needed is None else [_labels(needed["median"])]),
             ",".join(sorted(set(arm["stop_reasons"]))),
         )
     console.print(table)
-    full_pool = summary["full_pool_minority_f1"]["mean"]
-    console.print(
-        f"target for labels-to-target: the full-pool model's minority F1 per seed "
-        f"(mean {full_pool:.3f})"
-    )
+    low, high = summary["arms"][0]["auc_labels"]
+    console.print(f"AUC = mean minority F1 over {low}..{high} labels (the span every arm reached)")
+    if reference:
+        full_pool = summary["full_pool_minority_f1"]["mean"]
+        console.print(
+            "labels to target = median labels at which a seed first reaches its full-pool "
+            f"model's minority F1 (mean {full_pool:.3f})"
+        )
     console.print(f"wrote {results_path} and {plot_path}")
     return summary
 
@@ -303,6 +306,8 @@ def demo(
         f"digits: {len(dataset.labels)} items, digit 8 = "
         f"{int((dataset.labels == 8).sum())} of them; 30% held out for testing"
     )
+    # No full-pool reference here (labels-to-target is `bench label-efficiency`'s job): it
+    # would cost the demo a fifth of its time.
     config = SimulationConfig(
         arms=DEMO_ARMS,
         seeds=seeds,
@@ -312,6 +317,7 @@ def demo(
         budget=300,
         rare_class=8,
         workers=workers,
+        full_pool_reference=False,
     )
     _run_and_report(dataset, config, out)
 

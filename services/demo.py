@@ -21,8 +21,8 @@ DEMO_ARMS = (
 def digits_with_rare_class(
     *, rare_digit: int = 8, rare_share: float = 0.02, seed: int = 0
 ) -> Dataset:
-    """Digits as features [n, 64] in [0, 1] (the 8x8 images flattened), with `rare_digit`
-    subsampled (seeded) so that it makes up `rare_share` of the items."""
+    """Digits as images [n, 8, 8] in [0, 1] (so the default model is the small CNN), with
+    `rare_digit` subsampled (seeded) so that it makes up `rare_share` of the items."""
     if not 0 <= rare_digit <= 9 or not 0 < rare_share < 1:
         raise ValueError("rare_digit must be 0..9 and rare_share in (0, 1)")
     digits = load_digits()
@@ -32,4 +32,4 @@ def digits_with_rare_class(
     n_rare = round(rare_share / (1 - rare_share) * len(others))
     kept = np.random.default_rng(seed).choice(rare, size=min(n_rare, len(rare)), replace=False)
     keep = np.sort(np.concatenate([others, kept]))
-    return Dataset(items=(digits.data[keep] / 16.0).astype(np.float32), labels=labels[keep])
+    return Dataset(items=(digits.images[keep] / 16.0).astype(np.float32), labels=labels[keep])

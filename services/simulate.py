@@ -10,6 +10,7 @@ All labels come from `labeling.simulated.SimulatedAnnotator`; results say `"simu
 """
 
 import math
+import multiprocessing
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -29,34 +30,19 @@ from services.loop import (
     LoopConfig,
     SelectionConfig,
     choose_batch,
+    default_loop_config,
     ingest,
-    prior_weights,
     train_stage,
 )
-from services.ml.calibration import apply_prior_shift
 from services.ml.losses import ALPHA_SCHEMES, AlphaScheme
 from services.ml.metrics import default_minority_class, evaluate
 from services.ml.nets import ModelSpec, spec_for_inputs
 from services.ml.score import score
-from services.ml.train import LossSpec, TrainConfig, TrainResult, torch_threads
+from services.ml.train import LossSpec, TrainResult, torch_threads
 
 LossKind = Literal["focal", "ce"]
 DEFAULT_STRATEGY = "default"
 METRICS = ("minority_f1", "minority_recall", "macro_f1", "ece")
-
-
-def default_loop_config() -> LoopConfig:
-    """The project default: what `simulate` runs without --strategy/--loss/--gamma/--alpha, and
-    what projects start with."""
-    return LoopConfig(
-        loss=LossSpec(kind="focal", gamma=2.0, alpha="effective_number", prior_bias=True),
-        # Below 500 labels nothing is held out: every label trains, for 100 epochs. Early
-        # stopping on a few dozen held-out items stopped models that were still learning
-        # (minority F1 0.75 vs 0.82 at 300 labels on the demo, 5 seeds), and the held-out
-        # share costs the rare class its scarcest examples.
-        train=TrainConfig(max_epochs=100, patience=15, val_fraction=0.2, min_val_items=100),
-        selection=SelectionConfig(),
-    )
 
 
 @dataclass(frozen=True)
@@ -144,6 +130,8 @@ class Arm:
 class SimulationConfig:
     """What to run. budget: stop once this many labels are in (None = rounds decide);
     random_budget: a larger budget for random arms (labels-to-target needs them to go far);
+    full_pool_reference: also train the default model on each seed's whole pool; its minority
+    F1 is the target of labels-to-target (without it, labels-to-target is not computed).
     plateau_rounds: stop when validation minority F1 has not improved for this many rounds;
     it judges only rounds trained with a validation split (with the default training settings,
     from 500 labels on), so below that it never fires."""
@@ -162,6 +150,7 @@ class SimulationConfig:
     plateau_rounds: int | None = None
     test_fraction: float = 0.3
     workers: int = 2
+    full_pool_reference: bool = True
 
     def loop_config(self, arm: Arm) -> LoopConfig:
         base = default_loop_config()
@@ -268,19 +257,20 @@ def run_seed(
     rounds: list[RoundRecord] = []
     best_val, since_best = -1.0, 0
     stop_reason = "rounds"
+    model: TrainResult | None = None
     for round_index in range(config.rounds + 1):
         model = train_stage(
-            items=split.pool_items, dataset=labeled, spec=spec, config=loop, seed=seed
+            previous=model,
+            items=split.pool_items,
+            dataset=labeled,
+            spec=spec,
+            config=loop,
+            seed=seed,
         )
         probs: NDArray[np.floating[Any]] = score(
             model.model, split.test_items, spec=spec, temperature=model.temperature
         ).probs
         unlabeled = np.setdiff1d(np.arange(len(split.pool_labels)), labeled.item_ids)
-        if loop.prior_correction and len(unlabeled):
-            weights = prior_weights(
-                model=model, items=split.pool_items, dataset=labeled, unlabeled_ids=unlabeled
-            )
-            probs = apply_prior_shift(probs, weights)
         report = evaluate(probs, split.test_labels, minority_class=minority)
         val_f1 = _validation_minority_f1(model, split.pool_items, labeled, minority)
         rounds.append(
@@ -360,14 +350,23 @@ def _run_job(
         return run_seed(dataset, config, job.arm, job.seed, minority)
 
 
-def mean_ci95(values: Sequence[float]) -> dict[str, Any]:
-    """Mean and a t-based 95% confidence interval over seeds ([mean, mean] for one seed)."""
+def mean_ci95(
+    values: Sequence[float], *, bounds: tuple[float, float] | None = (0.0, 1.0)
+) -> dict[str, Any]:
+    """Mean and a t-based 95% confidence interval over seeds ([mean, mean] for one seed).
+
+    bounds: the metric's range; the interval is clipped to it (a recall cannot exceed 1, even
+    when a symmetric t-interval over 5 seeds would say so). None for unbounded quantities.
+    """
     array = np.asarray(values, dtype=np.float64)
     mean = float(array.mean())
     if len(array) < 2:
         return {"mean": mean, "ci95": [mean, mean]}
     half = float(stats.t.ppf(0.975, len(array) - 1) * array.std(ddof=1) / math.sqrt(len(array)))
-    return {"mean": mean, "ci95": [mean - half, mean + half]}
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return {"mean": mean, "ci95": [low, high]}
 
 
 def _curve(run: SeedRun, labels_axis: Sequence[int], metric: str) -> list[float]:
@@ -407,36 +406,39 @@ class SimulationResult:
     full_pool_f1: dict[int, float]
     summary: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return self.summary
-
 
 def _arm_summary(
-    arm: Arm, runs: list[SeedRun], full_pool: dict[int, float], budget: int | None
+    arm: Arm,
+    runs: list[SeedRun],
+    full_pool: dict[int, float],
+    budget: int | None,
+    auc_axis: Sequence[int],
 ) -> dict[str, Any]:
     labels_axis = sorted({r.labels for run in runs for r in run.rounds})
+    curves = {metric: [_curve(run, labels_axis, metric) for run in runs] for metric in METRICS}
     rounds = []
-    for labels in labels_axis:
+    for index, labels in enumerate(labels_axis):
         entry: dict[str, Any] = {"labels": labels}
         for metric in METRICS:
-            index = labels_axis.index(labels)
-            entry[metric] = mean_ci95([_curve(run, labels_axis, metric)[index] for run in runs])
+            entry[metric] = mean_ci95([curve[index] for curve in curves[metric]])
         rounds.append(entry)
-    reached = [labels_to_target(run, full_pool[run.seed]) for run in runs]
     cap = budget if budget is not None else labels_axis[-1]
-    ordered = sorted(math.inf if r is None else r for r in reached)
-    median = float(np.median(ordered)) if ordered else math.inf
-    # Common axis for the area: init .. the arm's own last label count.
+    labels_needed: dict[str, Any] | None = None
+    if full_pool:
+        reached = [labels_to_target(run, full_pool[run.seed]) for run in runs]
+        median = float(np.median([math.inf if r is None else r for r in reached]))
+        labels_needed = {
+            "median": median if math.isfinite(median) else f">{cap}",
+            "per_seed": [r if r is not None else f">{cap}" for r in reached],
+        }
     return {
         "strategy": arm.strategy,
         "loss": arm.loss,
         "name": arm.name,
         "rounds": rounds,
-        "auc_minority_f1": mean_ci95([area_under_minority_f1(run, labels_axis) for run in runs]),
-        "labels_to_target": {
-            "median": median if math.isfinite(median) else f">{cap}",
-            "per_seed": [r if r is not None else f">{cap}" for r in reached],
-        },
+        "auc_minority_f1": mean_ci95([area_under_minority_f1(run, auc_axis) for run in runs]),
+        "auc_labels": [auc_axis[0], auc_axis[-1]],
+        "labels_to_target": labels_needed,
         "final_labels": labels_axis[-1],
         "stop_reasons": [run.stop_reason for run in runs],
         "noisy_labels": [run.noisy_labels for run in runs],
@@ -445,10 +447,27 @@ def _arm_summary(
 
 def summarize(result: SimulationResult) -> dict[str, Any]:
     config = result.config
-    arms = []
-    for arm in config.arms:
-        runs = sorted((r for r in result.runs if r.arm == arm), key=lambda r: r.seed)
-        arms.append(_arm_summary(arm, runs, result.full_pool_f1, config.budget_for(arm)))
+    by_arm = {
+        arm: sorted((r for r in result.runs if r.arm == arm), key=lambda r: r.seed)
+        for arm in config.arms
+    }
+    # The area is taken over the label counts every arm reached, so arms with different
+    # budgets (random going further) are compared on the same span.
+    shortest = min(max(r.labels for run in runs for r in run.rounds) for runs in by_arm.values())
+    auc_axis = sorted(
+        {
+            r.labels
+            for runs in by_arm.values()
+            for run in runs
+            for r in run.rounds
+            if r.labels <= shortest
+        }
+    )
+    arms = [
+        _arm_summary(arm, runs, result.full_pool_f1, config.budget_for(arm), auc_axis)
+        for arm, runs in by_arm.items()
+    ]
+    default = default_loop_config()
     return {
         "simulated": True,
         "annotator": {"kind": "simulated", "noise": config.noise},
@@ -457,13 +476,17 @@ def summarize(result: SimulationResult) -> dict[str, Any]:
         "seeds": list(range(config.seeds)),
         "config": {**asdict(config), "arms": [asdict(a) for a in config.arms]},
         "default_config": {
-            "loss": default_loop_config().loss.to_dict(),
-            "selection": asdict(default_loop_config().selection),
+            "loss": default.loss.to_dict(),
+            "train": asdict(default.train),
+            "selection": asdict(default.selection),
+            "warm_start_steps": default.warm_start_steps,
         },
         "full_pool_minority_f1": {
             **mean_ci95(list(result.full_pool_f1.values())),
             "per_seed": [result.full_pool_f1[s] for s in sorted(result.full_pool_f1)],
-        },
+        }
+        if result.full_pool_f1
+        else None,
         "arms": arms,
     }
 
@@ -513,9 +536,15 @@ def validate(dataset: Dataset, config: SimulationConfig) -> int:
 def run_simulation(
     dataset: Dataset, config: SimulationConfig, on_progress: Callable[[str], None] | None = None
 ) -> SimulationResult:
-    """Run every arm on every seed (plus the full-pool reference) across `workers` processes."""
+    """Run every arm on every seed (plus the full-pool reference) across `workers` processes.
+
+    With workers > 1 the processes are spawned fresh, so a script calling this must guard its
+    entry point with `if __name__ == "__main__":` (the `focalloop` command does).
+    """
     minority = validate(dataset, config)
-    jobs = [_Job("full_pool", seed, None) for seed in range(config.seeds)]
+    jobs = [
+        _Job("full_pool", seed, None) for seed in range(config.seeds) if config.full_pool_reference
+    ]
     jobs += [_Job("arm", seed, arm) for arm in config.arms for seed in range(config.seeds)]
     runs: list[SeedRun] = []
     full_pool: dict[int, float] = {}
@@ -535,7 +564,10 @@ def run_simulation(
         for job in jobs:
             record(_run_job(dataset, config, minority, job))
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # "spawn", not fork: a parent that has already run torch holds an OpenMP thread pool,
+        # and forked children deadlock in it (seen: a test session hanging for 18 minutes).
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
             futures = [pool.submit(_run_job, dataset, config, minority, job) for job in jobs]
             for future in futures:
                 record(future.result())

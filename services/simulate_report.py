@@ -29,10 +29,15 @@ def plot_learning_curves(summary: dict[str, Any], out_dir: Path) -> Path:
             high = [r[metric]["ci95"][1] for r in arm["rounds"]]
             (line,) = axis.plot(labels, means, label=arm["name"], linewidth=1.8)
             axis.fill_between(labels, low, high, color=line.get_color(), alpha=0.15)
-    full_pool = summary["full_pool_minority_f1"]["mean"]
-    axes[0].axhline(
-        full_pool, color="grey", linestyle="--", linewidth=1, label=f"full pool ({full_pool:.2f})"
-    )
+    if summary["full_pool_minority_f1"] is not None:
+        full_pool = summary["full_pool_minority_f1"]["mean"]
+        axes[0].axhline(
+            full_pool,
+            color="grey",
+            linestyle="--",
+            linewidth=1,
+            label=f"full pool ({full_pool:.2f})",
+        )
     seeds = len(summary["seeds"])
     axes[0].set_title(f"minority class {summary['minority_class']}: F1 (mean of {seeds} seeds)")
     axes[1].set_title("macro-F1")

@@ -69,7 +69,9 @@ def summarize_bench(result: SimulationResult) -> dict[str, Any]:
             "labels_to_target_median": median if math.isfinite(median) else None,
             "labels_to_target_censored_at": budget,
             "labels_to_target_per_seed": reached,
-            "minority_labels_at_300": mean_ci95([_at(r, BUDGET, "minority_labels") for r in runs]),
+            "minority_labels_at_300": mean_ci95(
+                [_at(r, BUDGET, "minority_labels") for r in runs], bounds=None
+            ),
         }
     default, random = arms["default/focal"], arms["random/focal"]
     ratio = None

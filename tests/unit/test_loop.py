@@ -14,6 +14,7 @@ from services.loop import (
     needs_cold_start,
     rare_classes,
     run_cycle,
+    train_stage,
 )
 from services.ml.nets import spec_for_inputs
 from services.ml.train import TrainConfig
@@ -170,3 +171,46 @@ def test_simulated_noise_rate_and_wrong_answers_are_other_classes() -> None:
         SimulatedAnnotator(truth, n_classes=4, noise=1.0)
     with pytest.raises(InvalidInput, match="unknown item id"):
         SimulatedAnnotator(truth[:3], n_classes=4).annotate([5])
+
+
+def test_warm_start_fine_tunes_the_previous_model(digits: Digits) -> None:
+    spec = spec_for_inputs((64,), 10)
+    first = ingest(LabeledSet.empty(), np.arange(100), digits.labels[:100])
+    second = ingest(first, np.arange(100, 160), digits.labels[100:160])
+    # 160 labels in batches of 64 = 3 steps per epoch: 7 steps round up to 3 epochs.
+    config = LoopConfig(
+        train=TrainConfig(max_epochs=12, val_fraction=0.0, threads=1), warm_start_steps=7
+    )
+    previous = train_stage(items=digits.features, dataset=first, spec=spec, config=config, seed=0)
+    assert len(previous.train_loss) == 12
+    warm = train_stage(
+        items=digits.features, dataset=second, spec=spec, config=config, seed=0, previous=previous
+    )
+    cold = train_stage(items=digits.features, dataset=second, spec=spec, config=config, seed=0)
+    assert len(warm.train_loss) == 3 and len(cold.train_loss) == 12
+    # Fine-tuning starts where the previous model ended, so its first epoch is already good.
+    assert warm.train_loss[0] < 0.7 * cold.train_loss[0]
+    other_spec = spec_for_inputs((64,), 10, hidden=(32,))
+    fresh = train_stage(
+        items=digits.features,
+        dataset=second,
+        spec=other_spec,
+        config=config,
+        seed=0,
+        previous=previous,
+    )
+    assert len(fresh.train_loss) == 12  # a different architecture cannot be warm-started
+
+
+def test_small_sets_train_from_scratch_even_with_a_previous_model(digits: Digits) -> None:
+    spec = spec_for_inputs((64,), 10)
+    small = ingest(LabeledSet.empty(), np.arange(60), digits.labels[:60])
+    # 60 labels = 1 step per epoch: 12 epochs from scratch = 12 steps, not more than 2 x 7.
+    config = LoopConfig(
+        train=TrainConfig(max_epochs=12, val_fraction=0.0, threads=1), warm_start_steps=7
+    )
+    previous = train_stage(items=digits.features, dataset=small, spec=spec, config=config, seed=0)
+    again = train_stage(
+        items=digits.features, dataset=small, spec=spec, config=config, seed=0, previous=previous
+    )
+    assert len(again.train_loss) == 12 and again.train_loss == previous.train_loss

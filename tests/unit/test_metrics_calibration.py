@@ -4,12 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from services.ml.calibration import (
-    apply_prior_shift,
-    calibrated_probs,
-    estimate_prior_shift,
-    fit_temperature,
-)
+from services.ml.calibration import calibrated_probs, fit_temperature
 from services.ml.metrics import evaluate, expected_calibration_error, pool_hard_example_rate
 
 # Six items, three classes; predictions: 0, 0, 1, 1, 2, 0. True: 0, 0, 1, 2, 2, 2.
@@ -91,25 +86,3 @@ def test_temperature_fit_recovers_the_true_temperature() -> None:
     )
     assert after < before / 3
     assert math.isclose(fit_temperature(torch.empty(0, 5), torch.empty(0)), 1.0)
-
-
-def test_prior_shift_recovers_a_known_pool_prior() -> None:
-    """Two unit-variance Gaussian classes at -1 and +1: with equal training priors the exact
-    posterior is p(1|x) = sigmoid(2x). A pool that is 90:10 must be recognized as such."""
-    rng = np.random.default_rng(0)
-
-    def posterior(x: np.ndarray) -> np.ndarray:
-        p1 = 1 / (1 + np.exp(-2 * x))
-        return np.stack([1 - p1, p1], axis=1)
-
-    train_x = np.concatenate([rng.normal(-1, 1, 10_000), rng.normal(1, 1, 10_000)])
-    pool_x = np.concatenate([rng.normal(-1, 1, 18_000), rng.normal(1, 1, 2_000)])
-    weights = estimate_prior_shift(posterior(train_x), posterior(pool_x))
-    train_prior = posterior(train_x).mean(axis=0)
-    np.testing.assert_allclose(weights * train_prior, [0.9, 0.1], atol=0.01)
-    adjusted = apply_prior_shift(posterior(pool_x), weights)
-    np.testing.assert_allclose(adjusted.sum(axis=1), 1.0)
-    np.testing.assert_allclose(adjusted.mean(axis=0), [0.9, 0.1], atol=0.01)
-    np.testing.assert_allclose(apply_prior_shift(PROBS, np.ones(3)), PROBS)
-    with pytest.raises(ValueError, match="same C"):
-        estimate_prior_shift(PROBS, PROBS[:, :2])

@@ -52,6 +52,8 @@ def test_mean_ci95_is_the_t_interval() -> None:
     assert result["mean"] == pytest.approx(0.675)
     assert result["ci95"] == pytest.approx([0.675 - half, 0.675 + half])
     assert mean_ci95([0.3]) == {"mean": 0.3, "ci95": [0.3, 0.3]}
+    assert mean_ci95([0.9, 1.0, 1.0])["ci95"][1] == 1.0  # a rate's interval stops at 1
+    assert mean_ci95([90.0, 100.0, 110.0], bounds=None)["ci95"][1] > 110
 
 
 def test_labels_to_target_and_area_are_exact() -> None:
@@ -209,7 +211,7 @@ def test_budget_and_plateau_stop_the_loop(digits: Digits) -> None:
 def test_demo_data_is_digits_with_eights_at_two_percent() -> None:
     data = digits_with_rare_class()
     assert len(data.labels) == 1656 and int((data.labels == 8).sum()) == 33
-    assert data.items.shape == (1656, 64) and 0.0 <= data.items.min() <= data.items.max() <= 1.0
+    assert data.items.shape == (1656, 8, 8) and 0.0 <= data.items.min() <= data.items.max() <= 1.0
 
 
 @pytest.mark.slow
@@ -229,3 +231,24 @@ def test_default_beats_random_on_the_minority_f1_curve() -> None:
     random = arms["random/focal"]["auc_minority_f1"]["mean"]
     assert default > random + 0.05, (default, random)
     assert math.isfinite(default)
+
+
+def test_without_a_full_pool_reference_labels_to_target_is_absent(
+    tmp_path: Path, digits: Digits
+) -> None:
+    data = Dataset(digits.features[:300], digits.labels[:300])
+    config = SimulationConfig(
+        arms=(Arm("least_confidence", "ce"),),
+        seeds=1,
+        rounds=1,
+        batch=10,
+        init=20,
+        rare_class=3,
+        workers=1,
+        full_pool_reference=False,
+    )
+    summary = run_simulation(data, config).summary
+    assert summary["full_pool_minority_f1"] is None
+    assert summary["arms"][0]["labels_to_target"] is None
+    assert summary["arms"][0]["auc_labels"] == [20, 30]
+    assert plot_learning_curves(summary, tmp_path).exists()
