@@ -248,14 +248,18 @@ def run_cycle(
     spec: ModelSpec,
     config: LoopConfig,
     seed: int,
+    previous: TrainResult | None = None,
 ) -> CycleResult:
     """One cycle: train on `dataset` (unless a cold start is due), then choose the batch.
 
-    items: [n_pool, *item_shape] indexed by item id. Returns the model and the batch to hand off.
+    items: [n_pool, *item_shape] indexed by item id. previous: the last cycle's model, for warm
+    starts (see `train_stage`). Returns the model and the batch to hand off.
     """
     model = None
     if not needs_cold_start(dataset, spec.n_classes):
-        model = train_stage(items=items, dataset=dataset, spec=spec, config=config, seed=seed)
+        model = train_stage(
+            items=items, dataset=dataset, spec=spec, config=config, seed=seed, previous=previous
+        )
     return choose_batch(
         model=model,
         items=items,

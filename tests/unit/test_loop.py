@@ -6,6 +6,7 @@ import pytest
 from labeling.simulated import SimulatedAnnotator
 from services.errors import InvalidInput
 from services.loop import (
+    CycleResult,
     LabeledSet,
     LoopConfig,
     SelectionConfig,
@@ -17,10 +18,34 @@ from services.loop import (
     train_stage,
 )
 from services.ml.nets import spec_for_inputs
+from services.ml.score import score
 from services.ml.train import TrainConfig
 from tests.conftest import Digits
 
 FAST = LoopConfig(train=TrainConfig(max_epochs=15, patience=5, threads=1), batch_size=10)
+
+
+def cycle_on(
+    digits: Digits,
+    labeled_ids: np.ndarray,
+    pool_size: int,
+    *,
+    config: LoopConfig = FAST,
+    seed: int = 0,
+) -> tuple[CycleResult, np.ndarray]:
+    """One cycle over the first `pool_size` digits with `labeled_ids` labeled truthfully;
+    returns the result and the unlabeled ids it chose from."""
+    dataset = ingest(LabeledSet.empty(), labeled_ids, digits.labels[labeled_ids])
+    unlabeled = np.setdiff1d(np.arange(pool_size), labeled_ids)
+    result = run_cycle(
+        items=digits.features[:pool_size],
+        unlabeled_ids=unlabeled,
+        dataset=dataset,
+        spec=spec_for_inputs((64,), 10),
+        config=config,
+        seed=seed,
+    )
+    return result, unlabeled
 
 
 def test_ingest_makes_a_new_version_and_keeps_the_old_one() -> None:
@@ -53,76 +78,39 @@ def test_cold_start_until_two_classes_are_labeled(digits: Digits) -> None:
 
 
 def test_a_cycle_trains_and_picks_unlabeled_items_only(digits: Digits) -> None:
-    spec = spec_for_inputs((64,), 10)
-    labeled_ids = np.arange(0, 200, 2)
-    dataset = ingest(LabeledSet.empty(), labeled_ids, digits.labels[labeled_ids])
-    unlabeled = np.setdiff1d(np.arange(400), labeled_ids)
-    result = run_cycle(
-        items=digits.features[:400],
-        unlabeled_ids=unlabeled,
-        dataset=dataset,
-        spec=spec,
-        config=FAST,
-        seed=0,
-    )
+    result, unlabeled = cycle_on(digits, np.arange(0, 200, 2), 400)
     assert result.model is not None and result.cold_start_picks == 0
     assert len(result.selected) == 10 and len(set(result.selected.tolist())) == 10
     assert set(result.selected.tolist()) <= set(unlabeled.tolist())
-    again = run_cycle(
-        items=digits.features[:400],
-        unlabeled_ids=unlabeled,
-        dataset=dataset,
-        spec=spec,
-        config=FAST,
-        seed=0,
-    )
+    again, _ = cycle_on(digits, np.arange(0, 200, 2), 400)
     np.testing.assert_array_equal(result.selected, again.selected)
 
 
 def test_uncertainty_picks_are_harder_than_random(digits: Digits) -> None:
     """The batch's mean top probability under the cycle's own model is lower than the pool's."""
-    spec = spec_for_inputs((64,), 10)
-    labeled_ids = np.arange(0, 300, 3)
-    dataset = ingest(LabeledSet.empty(), labeled_ids, digits.labels[labeled_ids])
-    unlabeled = np.setdiff1d(np.arange(900), labeled_ids)
-    config = LoopConfig(
+    plain = LoopConfig(
         train=FAST.train,
         batch_size=20,
         selection=SelectionConfig(oversample=None, quota_min_share=None),
     )
-    result = run_cycle(
-        items=digits.features[:900],
-        unlabeled_ids=unlabeled,
-        dataset=dataset,
-        spec=spec,
-        config=config,
-        seed=0,
-    )
+    result, unlabeled = cycle_on(digits, np.arange(0, 300, 3), 900, config=plain)
     assert result.model is not None
-    from services.ml.score import score
-
     probs = score(
-        result.model.model, digits.features[:900], spec=spec, temperature=result.model.temperature
+        result.model.model,
+        digits.features[:900],
+        spec=result.model.spec,
+        temperature=result.model.temperature,
     ).probs
     assert probs[result.selected].max(1).mean() < probs[unlabeled].max(1).mean() - 0.2
 
 
 def test_missing_classes_trigger_exploration(digits: Digits) -> None:
-    spec = spec_for_inputs((64,), 10)
     no_eights = np.flatnonzero(digits.labels[:300] != 8)[:60]
+    cycle, unlabeled = cycle_on(digits, no_eights, 600, seed=1)
+    assert cycle.cold_start_picks == 5  # explore_share 0.5 of a batch of 10
     dataset = ingest(LabeledSet.empty(), no_eights, digits.labels[no_eights])
-    unlabeled = np.setdiff1d(np.arange(600), no_eights)
-    model = run_cycle(
-        items=digits.features[:600],
-        unlabeled_ids=unlabeled,
-        dataset=dataset,
-        spec=spec,
-        config=FAST,
-        seed=1,
-    )
-    assert model.cold_start_picks == 5  # explore_share 0.5 of a batch of 10
     result = choose_batch(
-        model=model.model,
+        model=cycle.model,
         items=digits.features[:600],
         unlabeled_ids=unlabeled,
         dataset=dataset,

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -193,16 +194,7 @@ def test_budget_and_plateau_stop_the_loop(digits: Digits) -> None:
     # The plateau rule reads validation minority F1, which exists from 500 labels on
     # (100 held-out items at 20%); below that it has nothing to judge and never fires.
     many = Dataset(digits.features, digits.labels)
-    plateau = SimulationConfig(
-        arms=(Arm("least_confidence", "ce"),),
-        seeds=1,
-        rounds=30,
-        batch=10,
-        init=520,
-        rare_class=3,
-        plateau_rounds=1,
-        workers=1,
-    )
+    plateau = replace(config, rounds=30, init=520, budget=None, plateau_rounds=1)
     (run_plateau,) = run_simulation(many, plateau).runs
     assert all(r.val_minority_f1 is not None for r in run_plateau.rounds)
     assert run_plateau.stop_reason == "plateau" and len(run_plateau.rounds) < 31
