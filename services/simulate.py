@@ -335,7 +335,8 @@ def full_pool_minority_f1(
 
 @dataclass(frozen=True)
 class _Job:
-    kind: Literal["arm", "full_pool"]
+    """One seed of one arm, or (arm None) that seed's full-pool reference model."""
+
     seed: int
     arm: Arm | None
 
@@ -542,10 +543,8 @@ def run_simulation(
     entry point with `if __name__ == "__main__":` (the `focalloop` command does).
     """
     minority = validate(dataset, config)
-    jobs = [
-        _Job("full_pool", seed, None) for seed in range(config.seeds) if config.full_pool_reference
-    ]
-    jobs += [_Job("arm", seed, arm) for arm in config.arms for seed in range(config.seeds)]
+    jobs = [_Job(seed, None) for seed in range(config.seeds) if config.full_pool_reference]
+    jobs += [_Job(seed, arm) for arm in config.arms for seed in range(config.seeds)]
     runs: list[SeedRun] = []
     full_pool: dict[int, float] = {}
 

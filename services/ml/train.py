@@ -74,9 +74,6 @@ class TrainConfig:
     rate, ties broken by the loss; "loss": the loss alone. Validation loss bottoms out well
     before the error does (the model keeps getting more accurate while growing overconfident,
     which temperature scaling corrects afterwards), so "loss" stops too early on small sets.
-    min_steps: optimizer steps that run before early stopping may end training or keep an
-    epoch. Small labeled sets give a few steps per epoch, and patience counted in epochs then
-    stops a model that is still learning; a step floor keeps them training.
     threads: CPU threads for torch during this call (restored afterwards); None keeps the
     process setting.
     """
@@ -95,15 +92,12 @@ class TrainConfig:
     autocast: AutocastChoice = "auto"
     calibrate: bool = True
     early_stopping: Literal["error", "loss"] = "error"
-    min_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1 or self.batch_size < 1 or self.patience < 1:
             raise ValueError("max_epochs, batch_size and patience must be >= 1")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.min_steps < 0:
-            raise ValueError(f"min_steps must be >= 0, got {self.min_steps}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
 
@@ -261,7 +255,6 @@ def train(
         val_curve: list[float] = []
         error_curve: list[float] = []
         best_epoch, best_key = 0, (math.inf, math.inf)
-        steps = 0
         best_state = copy.deepcopy(model.state_dict())
         for epoch in range(config.max_epochs):
             model.train()
@@ -280,7 +273,6 @@ def train(
                 if config.grad_clip_norm is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
                 optimizer.step()
-                steps += 1
                 total += batch_loss.detach() * len(batch)
             train_curve.append(float(total) / len(train_idx))
 
@@ -295,15 +287,12 @@ def train(
             val_curve.append(val_loss)
             error_curve.append(val_error)
             key = (val_error, val_loss) if config.early_stopping == "error" else (val_loss, 0.0)
-            if steps < config.min_steps:
-                best_epoch = epoch  # still below the step floor: judge nothing yet
-                continue
             if key < best_key:
                 best_epoch, best_key = epoch, key
                 best_state = copy.deepcopy(model.state_dict())
             elif epoch - best_epoch >= config.patience:
                 break
-        if best_key[0] < math.inf:  # some epoch was judged: keep the best one
+        if len(val_idx) > 0:
             model.load_state_dict(best_state)
 
         temperature, ece_before, ece_after = 1.0, None, None
