@@ -18,6 +18,8 @@ from rich.table import Table
 from services.bench.focal_loss import run_focal_loss_bench
 from services.bench.label_efficiency import run_label_efficiency_bench
 from services.bench.report import write_json
+from services.commands.datasets import datasets_app
+from services.commands.state import db_app, pool_app, project_app
 from services.demo import DEMO_ARMS, digits_with_rare_class
 from services.errors import FocalloopError, InvalidInput
 from services.ml.train import resolve_device, torch_threads
@@ -43,6 +45,10 @@ bench_app = typer.Typer(
     help="Benchmarks: print a table; --json PATH saves the figures.", no_args_is_help=True
 )
 app.add_typer(bench_app, name="bench")
+app.add_typer(db_app, name="db")
+app.add_typer(project_app, name="project")
+app.add_typer(pool_app, name="pool")
+app.add_typer(datasets_app, name="datasets")
 
 console = Console()
 errors = Console(stderr=True)

@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -31,6 +31,44 @@ class Settings(BaseSettings):
         default=None, ge=1, description="CPU threads for torch; None keeps torch's default."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    database_url: str | None = Field(
+        default=None,
+        description=(
+            "SQLAlchemy URL of the state database; None = a SQLite file under data_dir. "
+            "PostgreSQL: postgresql+psycopg://user:pass@host:5432/db."
+        ),
+    )
+    sqlite_busy_timeout_ms: int = Field(
+        default=15_000,
+        ge=0,
+        description="How long a SQLite writer waits for another process's lock before failing.",
+    )
+    source_roots: list[str] = Field(
+        default_factory=list,
+        description=(
+            "URL prefixes (file:///dir/ or s3://bucket/prefix/) pool sources may be read from. "
+            "The CLI also trusts the source it is given; the API trusts only these."
+        ),
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="S3-compatible endpoint (MinIO); None = boto3's own (AWS_ENDPOINT_URL_S3).",
+    )
+    s3_region: str | None = Field(default=None, description="None = boto3's own default.")
+    s3_access_key_id: str | None = Field(default=None, description="None = boto3's chain.")
+    s3_secret_access_key: SecretStr | None = Field(default=None, description="None = boto3's.")
+    pool_shard_items: int = Field(
+        default=4096,
+        ge=1,
+        description="Items per columnar pool shard; a scoring chunk reads whole shards.",
+    )
+
+    def resolved_database_url(self) -> str:
+        """The database URL, with the embedded SQLite default under data_dir."""
+        if self.database_url:
+            return self.database_url
+        path = self.data_dir.expanduser() / "focalloop.db"
+        return f"sqlite:///{path}"
 
 
 @lru_cache(maxsize=1)

@@ -36,3 +36,28 @@ class NonFiniteLossError(PermanentError):
 
 class CheckpointError(InvalidInput):
     """A checkpoint's weights, sidecar or architecture disagree: refused, never guessed at."""
+
+
+class NotFound(FocalloopError):  # noqa: N818 (reads as "project not found")
+    """The named project, item, version or object does not exist."""
+
+
+class Conflict(FocalloopError):  # noqa: N818
+    """The request contradicts what is already stored (a taken name, a write-once object that
+    exists with other content, a state that moved on); nothing was changed."""
+
+
+class IllegalTransition(Conflict):
+    """A status change the state machine does not allow; the row keeps its current status."""
+
+    def __init__(self, *, kind: str, row_id: int, current: str, requested: str) -> None:
+        super().__init__(
+            f"{kind} {row_id}: illegal transition {current} -> {requested}; "
+            f"the {kind} stays {current}"
+        )
+        self.current = current
+        self.requested = requested
+
+
+class CorruptData(PermanentError):  # noqa: N818
+    """Stored bytes do not match the hash recorded for them: refused, never used."""

@@ -14,7 +14,7 @@ keeps no process-level state, so the Celery workers can run the same functions o
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,7 @@ from services.ml.train import DeviceChoice, LossSpec, TrainConfig, TrainResult, 
 from services.selection.batch import BatchSelector, ClassQuota, KCenterDiversity, TopScores
 from services.selection.candidates import Candidates, chunk_candidates, merge_candidates
 from services.selection.cold_start import ColdStartMethod, cold_start
-from services.selection.strategies import make_strategy
+from services.selection.strategies import STRATEGIES, make_strategy
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,30 @@ class SelectionConfig:
     rare_share: float = 0.5
     cold_start: ColdStartMethod = "kmeans"
     explore_share: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise InvalidInput(
+                f"unknown strategy {self.strategy!r}; choose from {sorted(STRATEGIES)}"
+            )
+        if self.oversample is not None and self.oversample < 1:
+            raise InvalidInput(f"oversample must be >= 1 or None, got {self.oversample}")
+        for name in ("quota_min_share", "rare_share", "explore_share"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise InvalidInput(f"{name} must be in [0, 1], got {value}")
+        if self.cold_start not in ("random", "kmeans"):
+            raise InvalidInput(f"cold_start must be random or kmeans, got {self.cold_start!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SelectionConfig":
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise InvalidInput(f"unknown selection settings: {sorted(unknown)}")
+        return cls(**data)
 
     def candidate_multiplier(self) -> int:
         """k' / batch: how many candidates per batch slot scoring chunks must keep."""

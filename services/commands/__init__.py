@@ -1,0 +1,1 @@
+"""Sub-commands of the `focalloop` CLI, one typer app per area."""

@@ -1,0 +1,1 @@
+"""Versioned dataset store (local directory or S3), manifests and pool registration."""

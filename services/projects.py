@@ -1,0 +1,245 @@
+"""Projects: creation, lookup by name, settings, and the label set's add-only rule."""
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlmodel import Session, col, func, select
+
+from services.datasets.store import StoreUrl
+from services.errors import Conflict, InvalidInput, NotFound
+from services.loop import SelectionConfig
+from services.ml.train import LossSpec
+from services.models import Item, ItemStatus, Project, utcnow
+
+# Lowercase letters, digits and hyphens, 3-40 characters (Label Studio wants >= 3), starting
+# and ending with a letter or digit so the name is also a safe store key segment.
+_SLUG = re.compile(r"[a-z0-9][a-z0-9-]{1,38}[a-z0-9]")
+_LABEL = re.compile(r"[^\x00-\x1f,]{1,200}")
+_CRON_FIELD = re.compile(r"[0-9*/,\-A-Za-z]+")
+Modality = Literal["features", "image"]
+
+
+def check_project_name(name: str) -> str:
+    if not _SLUG.fullmatch(name):
+        raise InvalidInput(
+            f"invalid project name {name!r}: use 3-40 lowercase letters, digits and hyphens, "
+            "starting and ending with a letter or digit"
+        )
+    return name
+
+
+def check_labels(labels: Sequence[str]) -> list[str]:
+    """A label set: at least two distinct class names, no commas or control characters,
+    no surrounding spaces, at most 200 characters each."""
+    cleaned = list(labels)
+    if len(cleaned) < 2:
+        raise InvalidInput(f"a label set needs at least two classes, got {cleaned}")
+    for label in cleaned:
+        if label != label.strip() or not _LABEL.fullmatch(label):
+            raise InvalidInput(
+                f"invalid class name {label!r}: 1-200 characters, no commas, control "
+                "characters or surrounding spaces"
+            )
+    repeated = sorted({label for label in cleaned if cleaned.count(label) > 1})
+    if repeated:
+        raise InvalidInput(f"class names repeat in the label set: {repeated}")
+    return cleaned
+
+
+def check_cron(expression: str) -> str:
+    """A five-field cron expression (minute hour day-of-month month day-of-week)."""
+    fields = expression.split()
+    if len(fields) != 5 or not all(_CRON_FIELD.fullmatch(part) for part in fields):
+        raise InvalidInput(
+            f"invalid cron expression {expression!r}: five fields, e.g. '0 */6 * * *'"
+        )
+    return " ".join(fields)
+
+
+@dataclass(frozen=True)
+class ProjectSpec:
+    """Everything a new project is created with (the CLI's and the API's input)."""
+
+    name: str
+    labels: Sequence[str]
+    modality: Modality
+    store_url: str
+    image_size: int = 32
+    image_channels: int = 1
+    loss: dict[str, Any] | None = None
+    selection: dict[str, Any] | None = None
+    batch_size: int = 50
+    label_budget: int | None = None
+    retrain_min_new_labels: int = 100
+    retrain_cron: str | None = None
+
+
+def _checked_loss(loss: dict[str, Any] | None, n_classes: int) -> dict[str, Any]:
+    from services.loop import default_loop_config
+
+    spec = default_loop_config().loss if loss is None else LossSpec.from_dict(loss)
+    try:
+        # Building the loss runs its own checks (gamma >= 0, alpha length, scheme names).
+        spec.build([1] * n_classes)
+    except (TypeError, ValueError) as error:
+        raise InvalidInput(f"invalid loss settings: {error}") from None
+    return spec.to_dict()
+
+
+def create_project(session: Session, spec: ProjectSpec) -> Project:
+    """Create a project; Conflict when the name is taken, InvalidInput for bad settings."""
+    check_project_name(spec.name)
+    labels = check_labels(spec.labels)
+    if spec.modality not in ("features", "image"):
+        raise InvalidInput(f"modality must be features or image, got {spec.modality!r}")
+    store_url = str(StoreUrl.parse(spec.store_url))
+    if spec.modality == "image":
+        if not 8 <= spec.image_size <= 1024:
+            raise InvalidInput(f"image_size must be in [8, 1024] pixels, got {spec.image_size}")
+        if spec.image_channels not in (1, 3):
+            raise InvalidInput(f"image_channels must be 1 or 3, got {spec.image_channels}")
+    if spec.batch_size < 1:
+        raise InvalidInput(f"batch_size must be >= 1, got {spec.batch_size}")
+    if spec.label_budget is not None and spec.label_budget < 1:
+        raise InvalidInput(f"label_budget must be >= 1 or unset, got {spec.label_budget}")
+    if spec.retrain_min_new_labels < 1:
+        raise InvalidInput("retrain_min_new_labels must be >= 1")
+    selection = SelectionConfig.from_dict(spec.selection or {}).to_dict()
+    if session.exec(select(Project.id).where(Project.name == spec.name)).first() is not None:
+        raise Conflict(f"project {spec.name!r} already exists")
+    project = Project(
+        name=spec.name,
+        labels=labels,
+        modality=spec.modality,
+        store_url=store_url,
+        image_size=spec.image_size if spec.modality == "image" else None,
+        image_channels=spec.image_channels if spec.modality == "image" else None,
+        loss_config=_checked_loss(spec.loss, len(labels)),
+        selection_config=selection,
+        batch_size=spec.batch_size,
+        label_budget=spec.label_budget,
+        retrain_min_new_labels=spec.retrain_min_new_labels,
+        retrain_cron=check_cron(spec.retrain_cron) if spec.retrain_cron else None,
+    )
+    session.add(project)
+    try:
+        session.flush()
+    except sa.exc.IntegrityError:
+        # Another writer took the name between our check and our insert.
+        raise Conflict(f"project {spec.name!r} already exists") from None
+    return project
+
+
+def get_project(session: Session, name: str, *, for_update: bool = False) -> Project:
+    statement = select(Project).where(Project.name == name)
+    if for_update:
+        statement = statement.with_for_update()
+    project = session.exec(statement).first()
+    if project is None:
+        raise NotFound(f"no project named {name!r}")
+    return project
+
+
+def list_projects(session: Session) -> list[Project]:
+    return list(session.exec(select(Project).order_by(col(Project.name))).all())
+
+
+def extend_labels(session: Session, name: str, labels: Sequence[str]) -> Project:
+    """Set a project's label set to `labels`, which must be the current set with new classes
+    appended: removing, renaming or reordering a class would silently change what stored labels
+    and trained models mean, so it is refused."""
+    project = get_project(session, name, for_update=True)
+    new = check_labels(labels)
+    old = list(project.labels)
+    missing = [label for label in old if label not in new]
+    if missing:
+        raise InvalidInput(
+            f"cannot remove or rename class(es) {missing} of project {name!r}: stored labels "
+            "and trained models refer to them; only adding classes is allowed"
+        )
+    if new[: len(old)] != old:
+        raise InvalidInput(
+            f"cannot reorder the classes of project {name!r}: keep {old} first and append "
+            "new classes after them"
+        )
+    if new != old:
+        project.labels = new
+        project.updated_at = utcnow()
+        session.add(project)
+        session.flush()
+    return project
+
+
+def set_paused(session: Session, name: str, *, paused: bool) -> Project:
+    project = get_project(session, name, for_update=True)
+    project.paused = paused
+    project.updated_at = utcnow()
+    session.add(project)
+    session.flush()
+    return project
+
+
+@dataclass(frozen=True)
+class PoolCounts:
+    """Items of a project by status, plus items whose live annotations disagree."""
+
+    by_status: dict[str, int]
+    disagreements: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_status.values())
+
+
+def pool_counts(session: Session, project: Project) -> PoolCounts:
+    rows = session.exec(
+        select(Item.status, func.count())
+        .where(Item.project_id == project.id)
+        .group_by(col(Item.status))
+    ).all()
+    by_status = {status.value: 0 for status in ItemStatus}
+    by_status.update({status: count for status, count in rows})
+    disagreements = session.exec(
+        select(func.count())
+        .select_from(Item)
+        .where(Item.project_id == project.id, col(Item.disagreement).is_(True))
+    ).one()
+    return PoolCounts(by_status=by_status, disagreements=int(disagreements))
+
+
+def update_project(
+    session: Session,
+    name: str,
+    *,
+    labels: Sequence[str] | None = None,
+    batch_size: int | None = None,
+    label_budget: int | None = None,
+    retrain_min_new_labels: int | None = None,
+    retrain_cron: str | None = None,
+) -> Project:
+    """Change a project's settings; arguments left None stay as they are. The label set may
+    only grow (see `extend_labels`)."""
+    if labels is not None:
+        extend_labels(session, name, labels)
+    project = get_project(session, name, for_update=True)
+    if batch_size is not None:
+        if batch_size < 1:
+            raise InvalidInput(f"batch_size must be >= 1, got {batch_size}")
+        project.batch_size = batch_size
+    if label_budget is not None:
+        if label_budget < 1:
+            raise InvalidInput(f"label_budget must be >= 1, got {label_budget}")
+        project.label_budget = label_budget
+    if retrain_min_new_labels is not None:
+        if retrain_min_new_labels < 1:
+            raise InvalidInput("retrain_min_new_labels must be >= 1")
+        project.retrain_min_new_labels = retrain_min_new_labels
+    if retrain_cron is not None:
+        project.retrain_cron = check_cron(retrain_cron)
+    project.updated_at = utcnow()
+    session.add(project)
+    session.flush()
+    return project
