@@ -17,6 +17,7 @@ from rich.table import Table
 
 from services.bench.focal_loss import run_focal_loss_bench
 from services.bench.label_efficiency import run_label_efficiency_bench
+from services.bench.manifest import run_manifest_bench
 from services.bench.report import write_json
 from services.commands.datasets import datasets_app
 from services.commands.state import db_app, pool_app, project_app
@@ -117,6 +118,53 @@ def bench_focal_loss(
                 summary={"max_eager_ratio": max(eager)},
             )
             console.print(f"wrote {json_path}")
+
+
+@bench_app.command("manifest")
+def bench_manifest(
+    items: Annotated[int, typer.Option(min=1, help="Rows of the dataset version.")] = 1_000_000,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs per side.")] = 5,
+    backend: Annotated[
+        list[str] | None, typer.Option("--backend", help="local and/or s3 (repeatable).")
+    ] = None,
+    s3_endpoint: Annotated[
+        str | None,
+        typer.Option(help="An S3 server to use; default: start moto's on a free local port."),
+    ] = None,
+    json_path: JsonOption = None,
+) -> None:
+    """Commit and read back (hashes verified) a large dataset version vs plain pyarrow."""
+    rows = run_manifest_bench(
+        items=items, repeats=repeats, backends=backend or ["local", "s3"], s3_endpoint=s3_endpoint
+    )
+    table = Table(title=f"dataset version of {items:,} items, median of {repeats}")
+    for column in ("backend", "direction", "seconds", "pyarrow floor s", "ratio to floor", "MB"):
+        table.add_column(column, justify="left" if column in ("backend", "direction") else "right")
+    for row in rows:
+        table.add_row(
+            row.backend,
+            row.direction,
+            f"{row.seconds:.3f}",
+            f"{row.floor_seconds:.3f}",
+            f"{row.ratio_to_floor:.2f}",
+            f"{row.bytes_stored / 1e6:.1f}",
+        )
+    console.print(table)
+    if json_path is not None:
+        write_json(
+            json_path,
+            benchmark="manifest",
+            device=resolve_device("cpu"),
+            rows=[row.to_dict() for row in rows],
+            summary={
+                f"{row.backend}_{row.direction}": {
+                    "seconds": row.seconds,
+                    "ratio_to_floor": row.ratio_to_floor,
+                }
+                for row in rows
+            },
+        )
+        console.print(f"wrote {json_path}")
 
 
 @bench_app.command("label-efficiency")

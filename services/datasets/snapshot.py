@@ -23,7 +23,14 @@ from services.datasets.versions import (
     read_manifest,
 )
 from services.errors import Conflict, NotFound
-from services.models import DatasetVersion, DatasetVersionState, Item, Project, utcnow
+from services.models import (
+    DatasetVersion,
+    DatasetVersionState,
+    Item,
+    ModelVersion,
+    Project,
+    utcnow,
+)
 
 _LABELED_BATCH = 50_000
 
@@ -170,3 +177,23 @@ def _commit_row(
     committed = _mark_committed(session, row, manifest, key, sha256)
     session.commit()
     return committed
+
+
+def model_lineage(session: Session, project: Project, model_version: int) -> list[int]:
+    """The dataset versions behind a model, newest first: the version it was trained on, then
+    that version's parent chain (from the database's commit records)."""
+    model = session.exec(
+        select(ModelVersion).where(
+            ModelVersion.project_id == project.id, ModelVersion.version == model_version
+        )
+    ).first()
+    if model is None:
+        raise NotFound(f"project {project.name!r} has no model version {model_version}")
+    chain: list[int] = []
+    current: int | None = model.dataset_version
+    while current is not None:
+        if current in chain:
+            raise Conflict(f"{project.name}: dataset parent chain loops at v{current}")
+        chain.append(current)
+        current = get_version(session, project, current).parent_version
+    return chain

@@ -9,11 +9,16 @@ from sqlmodel import Session, select
 
 from services import db
 from services.config import Settings
-from services.datasets.snapshot import allocate_version, committed_versions, snapshot
+from services.datasets.snapshot import (
+    allocate_version,
+    committed_versions,
+    model_lineage,
+    snapshot,
+)
 from services.datasets.store import DatasetStore, open_store
 from services.datasets.versions import diff_versions, lineage, read_version
-from services.errors import Conflict
-from services.models import DatasetVersion, Item, ItemStatus, Project
+from services.errors import Conflict, NotFound
+from services.models import DatasetVersion, Item, ItemStatus, ModelVersion, Project
 from services.projects import ProjectSpec, create_project, get_project
 from services.state import AnnotationInput, record_annotation, withdraw_annotation
 from tests.integration.conftest import insert_row, unique_name
@@ -94,6 +99,20 @@ def test_snapshots_follow_labels_relabels_and_withdrawals(
         assert [(r.item_id, r.old, r.new) for r in result.relabeled] == [("item-1", "defect", "ok")]
         assert lineage(store, project.name, 2) == [2, 1]
         assert [v.version for v in committed_versions(session, project)] == [1, 2]
+        session.add(
+            ModelVersion(
+                project_id=project.id or 0,
+                version=1,
+                dataset_version=2,
+                artifact_uri="file:///models/1",
+                parameters={},
+                metrics={},
+            )
+        )
+        session.flush()
+        assert model_lineage(session, project, 1) == [2, 1]
+        with pytest.raises(NotFound, match="no model version 9"):
+            model_lineage(session, project, 9)
 
 
 class DatabaseCommitCrashError(Exception):

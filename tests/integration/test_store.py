@@ -113,3 +113,17 @@ def test_s3_reader_of_a_missing_bucket_sees_an_empty_store(settings: Settings) -
     assert store.list_keys() == []
     with pytest.raises(NotFound):
         store.get("k/a.bin")
+
+
+def test_s3_endpoint_and_credentials_from_boto3s_standard_environment(
+    s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No focalloop S3 settings: boto3's own variables (as MinIO deployments set them) reach
+    the server."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "from-env")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "from-env-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    store = open_store(f"s3://{unique_name('env')}/p", Settings(), create=True)
+    store.put_if_absent("k/v.txt", b"v")
+    assert store.get("k/v.txt") == b"v"

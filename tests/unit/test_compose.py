@@ -1,0 +1,49 @@
+"""docker-compose.yml, checked as far as this machine allows (no Docker engine here): it parses,
+services reference what exists, and every FOCALLOOP_* key is a real setting."""
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from services.config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return data
+
+
+def test_compose_parses_and_dependencies_exist() -> None:
+    services = compose()["services"]
+    assert {"postgres", "redis", "minio", "minio-init"} <= set(services)
+    for name, service in services.items():
+        for dependency in service.get("depends_on", []):
+            assert dependency in services, f"{name} depends on unknown {dependency}"
+
+
+def test_redis_keeps_queued_tasks() -> None:
+    command = compose()["services"]["redis"]["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+
+
+def test_minio_init_uses_minios_credentials_and_enables_versioning() -> None:
+    services = compose()["services"]
+    env = services["minio"]["environment"]
+    script = services["minio-init"]["command"][0]
+    assert f"{env['MINIO_ROOT_USER']} {env['MINIO_ROOT_PASSWORD']}" in script
+    assert "mc version enable local/focalloop-data" in script
+
+
+def test_every_focalloop_environment_key_is_a_setting() -> None:
+    fields = {f"FOCALLOOP_{name.upper()}" for name in Settings.model_fields}
+    for name, service in compose()["services"].items():
+        environment = service.get("environment", {})
+        keys = (
+            environment if isinstance(environment, dict) else [e.split("=")[0] for e in environment]
+        )
+        unknown = {key for key in keys if key.startswith("FOCALLOOP_")} - fields
+        assert not unknown, f"{name}: {sorted(unknown)} are not focalloop settings"
