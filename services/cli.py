@@ -19,6 +19,7 @@ from services.bench.focal_loss import run_focal_loss_bench
 from services.bench.label_efficiency import run_label_efficiency_bench
 from services.bench.manifest import run_manifest_bench
 from services.bench.report import write_json
+from services.commands.cycles import beat, cycle_app, worker
 from services.commands.datasets import datasets_app
 from services.commands.state import db_app, pool_app, project_app
 from services.demo import DEMO_ARMS, digits_with_rare_class
@@ -50,6 +51,9 @@ app.add_typer(db_app, name="db")
 app.add_typer(project_app, name="project")
 app.add_typer(pool_app, name="pool")
 app.add_typer(datasets_app, name="datasets")
+app.add_typer(cycle_app, name="cycle")
+app.command("worker")(worker)
+app.command("beat")(beat)
 
 console = Console()
 errors = Console(stderr=True)

@@ -63,6 +63,43 @@ class Settings(BaseSettings):
         description="Items per columnar pool shard; a scoring chunk reads whole shards.",
     )
 
+    broker_url: str = Field(
+        default="redis://127.0.0.1:6379/0", description="Celery broker (Redis) URL."
+    )
+    visibility_timeout_s: int = Field(
+        default=4 * 3600,
+        ge=1,
+        description=(
+            "Seconds Redis waits before redelivering an unacknowledged task; must exceed the "
+            "longest task (training)."
+        ),
+    )
+    lease_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="A running chunk's or training's lease; renewed while it works.",
+    )
+    max_chunk_attempts: int = Field(default=3, ge=1, description="Then the chunk fails.")
+    max_train_attempts: int = Field(default=3, ge=1, description="Then the cycle fails.")
+    cycle_deadline_s: float = Field(
+        default=12 * 3600, gt=0, description="A cycle still running after this fails."
+    )
+    recover_interval_s: float = Field(
+        default=30.0, gt=0, description="How often beat runs recover_stalled."
+    )
+    schedule_interval_s: float = Field(
+        default=60.0, gt=0, description="How often beat runs maybe_start_cycle per project."
+    )
+
+    debug_chunk_delay_s: float = Field(
+        default=0.0,
+        ge=0,
+        description=(
+            "Fault drills only: seconds score_chunk waits between writing its results and "
+            "marking the chunk done, so a kill can land mid-task. Keep 0 in production."
+        ),
+    )
+
     def resolved_database_url(self) -> str:
         """The database URL, with the embedded SQLite default under data_dir."""
         if self.database_url:

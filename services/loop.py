@@ -15,13 +15,13 @@ keeps no process-level state, so the Celery workers can run the same functions o
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
 from services.errors import InvalidInput
-from services.ml.nets import ModelSpec
+from services.ml.nets import Classifier, ModelSpec
 from services.ml.score import score
 from services.ml.train import DeviceChoice, LossSpec, TrainConfig, TrainResult, train
 from services.selection.batch import BatchSelector, ClassQuota, KCenterDiversity, TopScores
@@ -121,6 +121,16 @@ def default_loop_config() -> LoopConfig:
     )
 
 
+class PreviousModel(Protocol):
+    """What a warm start needs of the last model: a `TrainResult` or a loaded `Checkpoint`."""
+
+    @property
+    def model(self) -> Classifier: ...
+
+    @property
+    def spec(self) -> ModelSpec: ...
+
+
 @dataclass(frozen=True)
 class LabeledSet:
     """An immutable dataset version: item_ids [m] int64 (unique, sorted) and labels [m]."""
@@ -179,7 +189,7 @@ def train_stage(
     spec: ModelSpec,
     config: LoopConfig,
     seed: int,
-    previous: TrainResult | None = None,
+    previous: PreviousModel | None = None,
 ) -> TrainResult:
     """Train on the dataset version's items. items: [n_pool, *item_shape], indexed by id.
 

@@ -148,6 +148,11 @@ class Project(SQLModel, table=True):
     retrain_min_new_labels: int = Field(default=100)
     retrain_cron: str | None = Field(default=None, max_length=120)
     paused: bool = Field(default=False)
+    labeler: dict[str, Any] = Field(
+        default_factory=lambda: {"kind": "none"},
+        sa_type=sa.JSON,
+        description="Who answers hand-offs: {kind: none | simulated, ...}.",
+    )
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
@@ -273,6 +278,9 @@ class Cycle(SQLModel, table=True):
     model_version: int | None = Field(default=None)
     failure_reason: str | None = Field(default=None, max_length=4000)
     cancel_requested: bool = Field(default=False)
+    train_attempts: int = Field(default=0)
+    selected_count: int | None = Field(default=None)
+    cold_start_picks: int | None = Field(default=None)
     timeline: list[dict[str, str]] = Field(
         default_factory=list, sa_type=sa.JSON, description="[{state, at (ISO 8601)}]"
     )
@@ -298,9 +306,28 @@ class ScoreChunk(SQLModel, table=True):
     attempts: int = Field(default=0)
     lease_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     worker: str | None = Field(default=None, max_length=200)
-    result_key: str | None = Field(default=None, max_length=1024)
+    result_key: str | None = Field(default=None, max_length=1024, description="candidates")
+    scores_key: str | None = Field(default=None, max_length=1024, description="per-item scores")
+    items_scored: int | None = Field(default=None)
     error: str | None = Field(default=None, max_length=4000)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class CycleSelection(SQLModel, table=True):
+    """One item a cycle chose, in labeling order (rank 0 = hardest), with the model's view of it
+    (None for cold-start picks). Written once per cycle, so a redelivered select does nothing."""
+
+    __table_args__ = (sa.UniqueConstraint("cycle_id", "item_id", name="uq_selection_item"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    cycle_id: int = Field(foreign_key="cycle.id", index=True)
+    item_id: int = Field(foreign_key="item.id")
+    rank: int
+    score: float | None = Field(default=None, description="Strategy score; higher = harder.")
+    predicted_label: str | None = Field(default=None, max_length=200)
+    probability: float | None = Field(default=None, description="Predicted class probability.")
+    model_version: int | None = Field(default=None)
+    cold_start: bool = Field(default=False)
 
 
 class InboxEvent(SQLModel, table=True):

@@ -33,14 +33,14 @@ def _split(labels: str) -> list[str]:
     return [label.strip() for label in labels.split(",") if label.strip()]
 
 
-def _engine(settings: Settings | None = None) -> sa.Engine:
+def engine_for(settings: Settings | None = None) -> sa.Engine:
     return engine_from_settings(settings or get_settings())
 
 
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Create or migrate the database schema to the newest revision (safe to repeat)."""
-    engine = _engine()
+    engine = engine_for()
     upgrade_database(engine)
     console.print(f"database at revision {current_revision(engine)} (head {head_revision()})")
 
@@ -48,7 +48,7 @@ def db_upgrade() -> None:
 @db_app.command("current")
 def db_current() -> None:
     """Print the database's schema revision and the newest one this code ships."""
-    console.print(f"current {current_revision(_engine())}, head {head_revision()}")
+    console.print(f"current {current_revision(engine_for())}, head {head_revision()}")
 
 
 @project_app.command("create")
@@ -94,7 +94,7 @@ def project_create(
         retrain_min_new_labels=retrain_min_new_labels,
         retrain_cron=retrain_cron,
     )
-    with session_scope(_engine()) as session:
+    with session_scope(engine_for()) as session:
         project = create_project(session, spec)
         console.print(f"created project {project.name} ({len(project.labels)} classes)")
 
@@ -111,7 +111,7 @@ def project_update(
     retrain_cron: Annotated[str | None, typer.Option()] = None,
 ) -> None:
     """Change a project's settings."""
-    with session_scope(_engine()) as session:
+    with session_scope(engine_for()) as session:
         project = update_project(
             session,
             name,
@@ -128,7 +128,7 @@ def project_update(
 def project_list() -> None:
     """Every project, by name."""
     table = Table("name", "modality", "classes", "store", "paused")
-    with session_scope(_engine()) as session:
+    with session_scope(engine_for()) as session:
         for project in list_projects(session):
             table.add_row(
                 project.name,
@@ -143,7 +143,7 @@ def project_list() -> None:
 @project_app.command("show")
 def project_show(name: str) -> None:
     """A project's settings and its pool counts."""
-    with session_scope(_engine()) as session:
+    with session_scope(engine_for()) as session:
         project = get_project(session, name)
         counts = pool_counts(session, project)
         table = Table("setting", "value", title=f"project {project.name}")
@@ -187,7 +187,7 @@ def pool_add(
     # The person at the terminal can read the source they name: it is trusted along with the
     # configured roots (the API trusts only the configured roots).
     trusted = [*settings.source_roots, _source_root(source)]
-    with session_scope(_engine(settings)) as session:
+    with session_scope(engine_for(settings)) as session:
         project = get_project(session, name, for_update=True)
         report = add_to_pool(session, project, source, settings=settings, trusted_roots=trusted)
     console.print(
@@ -217,7 +217,7 @@ def _source_root(source: str) -> str:
 @pool_app.command("show")
 def pool_show(name: str) -> None:
     """Items of a project by status."""
-    with session_scope(_engine()) as session:
+    with session_scope(engine_for()) as session:
         counts = pool_counts(session, get_project(session, name))
     table = Table("status", "items", title=f"pool of {name}")
     for status, count in counts.by_status.items():

@@ -365,3 +365,35 @@ def test_at_most_one_active_cycle_per_project_is_enforced_by_the_database(
         transition_cycle(session, first.id or 0, CycleState.FAILED, reason="worker lost")
         second = create_cycle(session, project_id=project_id, trigger="beat")
         assert second.id != first.id
+
+
+def test_upgrading_a_database_with_rows_keeps_them_and_fills_new_columns(
+    engine: sa.Engine,
+) -> None:
+    """Each revision applied on top of data: new NOT NULL columns get their defaults."""
+    if engine.dialect.name == "postgresql":
+        # The session database is at head already; migrate a fresh schema of our own instead.
+        schema = unique_name("mig").replace("-", "_")
+        with engine.begin() as connection:
+            connection.exec_driver_sql(f"CREATE SCHEMA {schema}")
+        url = engine.url.set(query={"options": f"-csearch_path={schema}"})
+        target = db.make_engine(url.render_as_string(hide_password=False))
+    else:
+        target = db.make_engine(str(engine.url).replace("state.db", "old.db"))
+    db.upgrade(target, "0001")
+    with target.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO project (name, labels, modality, store_url, loss_config, "
+                "selection_config, batch_size, retrain_min_new_labels, paused, created_at, "
+                "updated_at) VALUES ('old-project', '[\"a\", \"b\"]', 'features', 'file:///t', "
+                "'{}', '{}', 5, 10, false, :now, :now)"
+            ),
+            {"now": T0},
+        )
+    db.upgrade(target)
+    with db.session_scope(target) as session:
+        project = get_project(session, "old-project")
+        assert project.labeler == {"kind": "none"}
+        assert project.labels == ["a", "b"]
+    target.dispose()

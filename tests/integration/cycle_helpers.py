@@ -1,0 +1,104 @@
+"""Building a real project for cycle tests, and driving a cycle's stages in-process in the same
+order the Celery tasks chain them."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import sqlalchemy as sa
+from sqlmodel import select
+
+from services import cycles, db
+from services.config import Settings
+from services.datasets.pool import add_to_pool
+from services.models import Cycle, CycleSelection, Project
+from services.projects import ProjectSpec, create_project
+from tests.conftest import Digits
+from tests.integration.conftest import unique_name
+
+
+@dataclass(frozen=True)
+class DigitsProject:
+    """A features project over the digits (8 = "eight", the rest "other"), answered by a
+    simulated annotator from the true labels."""
+
+    name: str
+    n_items: int
+
+
+def make_digits_project(
+    engine: sa.Engine,
+    settings: Settings,
+    digits: Digits,
+    folder: Path,
+    *,
+    n_items: int = 600,
+    batch_size: int = 20,
+    retrain_min_new_labels: int = 20,
+    label_budget: int | None = None,
+) -> DigitsProject:
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = np.array([f"d{i:04d}" for i in range(n_items)])
+    np.savez(folder / "pool.npz", features=digits.features[:n_items], item_ids=ids)
+    truth = pa.table(
+        {
+            "item_id": ids.tolist(),
+            "label": np.where(digits.labels[:n_items] == 8, "eight", "other").tolist(),
+        }
+    )
+    name = unique_name("cyc")
+    with db.session_scope(engine) as session:
+        project = create_project(
+            session,
+            ProjectSpec(
+                name=name,
+                labels=["other", "eight"],
+                modality="features",
+                store_url=f"file://{folder / 'store'}",
+                batch_size=batch_size,
+                retrain_min_new_labels=retrain_min_new_labels,
+                label_budget=label_budget,
+            ),
+        )
+        add_to_pool(
+            session,
+            project,
+            str(folder / "pool.npz"),
+            settings=settings,
+            trusted_roots=[f"file://{folder}"],
+        )
+        cycles.set_simulated_labeler(session, name, truth, settings, annotator="sim")
+    return DigitsProject(name=name, n_items=n_items)
+
+
+def run_stages(engine: sa.Engine, cycle_id: int, settings: Settings) -> None:
+    """train -> every chunk -> select -> hand off -> ingest, as the tasks chain them."""
+    outcome = cycles.train_cycle(engine, cycle_id, settings)
+    select_next = outcome.select
+    for chunk_id in outcome.chunk_ids:
+        select_next = cycles.score_chunk(engine, chunk_id, settings, worker="test").select or (
+            select_next
+        )
+    if select_next and cycles.select_cycle(engine, cycle_id, settings):
+        cycles.ingest_events(engine, cycles.hand_off(engine, cycle_id, settings))
+
+
+def cycle_row(engine: sa.Engine, cycle_id: int) -> Cycle:
+    with db.session_scope(engine) as session:
+        cycle = session.get(Cycle, cycle_id)
+        assert cycle is not None
+        return cycle
+
+
+def selected_items(engine: sa.Engine, project_name: str) -> list[int]:
+    """Every item any cycle of the project selected (with repeats, if there were any)."""
+    with db.session_scope(engine) as session:
+        project = session.exec(select(Project).where(Project.name == project_name)).one()
+        return list(
+            session.exec(
+                select(CycleSelection.item_id)
+                .join(Cycle, Cycle.id == CycleSelection.cycle_id)  # type: ignore[arg-type]
+                .where(Cycle.project_id == project.id)
+            ).all()
+        )

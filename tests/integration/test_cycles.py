@@ -1,0 +1,319 @@
+"""The distributed cycle's stages, run in-process on SQLite and PostgreSQL: the full loop,
+redelivery, cancel, pause, budget, cron, recovery, failing chunks, and concurrent starts."""
+
+import multiprocessing
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from sqlmodel import col, func, select
+
+from services import cycles, db
+from services.config import Settings
+from services.datasets.pool import add_to_pool
+from services.datasets.snapshot import model_lineage
+from services.errors import Conflict, InvalidInput, TransientError
+from services.models import (
+    Annotation,
+    Cycle,
+    CycleState,
+    ModelVersion,
+    ScoreChunk,
+    utcnow,
+)
+from services.projects import get_project, pool_counts, set_paused, update_project
+from tests.conftest import Digits
+from tests.integration.cycle_helpers import (
+    cycle_row,
+    make_digits_project,
+    run_stages,
+    selected_items,
+)
+
+
+@pytest.fixture
+def cycle_settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"pool_shard_items": 200, "lease_s": 30.0})
+
+
+def start(engine: sa.Engine, name: str, settings: Settings) -> int:
+    cycle = cycles.maybe_start_cycle(engine, name, settings)
+    assert cycle is not None
+    return cycle.id or 0
+
+
+def test_cycles_run_and_each_trains_on_the_version_the_last_one_produced(
+    engine: sa.Engine, cycle_settings: Settings, digits: Digits, tmp_path: Path
+) -> None:
+    project = make_digits_project(engine, cycle_settings, digits, tmp_path)
+    first = start(engine, project.name, cycle_settings)
+    assert cycle_row(engine, first).trigger == "first cycle"
+    run_stages(engine, first, cycle_settings)
+    done = cycle_row(engine, first)
+    assert (done.state, done.dataset_version, done.model_version) == ("done", None, None)
+    assert (done.selected_count, done.cold_start_picks) == (20, 20)
+    with db.session_scope(engine) as session:
+        counts = pool_counts(session, get_project(session, project.name)).by_status
+        assert (counts["labeled"], counts["unlabeled"]) == (20, 580)
+
+    # Nothing new since: beat starts nothing while below the threshold... but 20 labels arrived.
+    second = start(engine, project.name, cycle_settings)
+    row = cycle_row(engine, second)
+    assert (row.trigger, row.dataset_version) == ("20 new labels", 1)
+    run_stages(engine, second, cycle_settings)
+    row = cycle_row(engine, second)
+    assert (row.state, row.model_version, row.chunks_total, row.chunks_done) == ("done", 1, 3, 3)
+    assert row.selected_count == 20
+    assert [entry["state"] for entry in row.timeline] == [
+        "pending",
+        "training",
+        "scoring",
+        "selecting",
+        "handing_off",
+        "done",
+    ]
+
+    third = start(engine, project.name, cycle_settings)
+    run_stages(engine, third, cycle_settings)
+    row = cycle_row(engine, third)
+    assert (row.dataset_version, row.model_version) == (2, 2)
+    with db.session_scope(engine) as session:
+        p = get_project(session, project.name)
+        assert model_lineage(session, p, 2) == [2, 1]
+        models = session.exec(
+            select(ModelVersion.version, ModelVersion.promotion)
+            .where(ModelVersion.project_id == p.id)
+            .order_by(col(ModelVersion.version))
+        ).all()
+        assert models == [(1, "retired"), (2, "current")]
+        chunks = session.exec(select(ScoreChunk).where(ScoreChunk.cycle_id == third)).all()
+        assert {c.attempts for c in chunks} == {1}
+        assert sum(c.items_scored or 0 for c in chunks) == 560
+    picked = selected_items(engine, project.name)
+    assert len(picked) == 60 == len(set(picked))  # no item selected twice
+
+
+def test_every_stage_is_harmless_when_redelivered(
+    engine: sa.Engine, cycle_settings: Settings, digits: Digits, tmp_path: Path
+) -> None:
+    project = make_digits_project(engine, cycle_settings, digits, tmp_path)
+    run_stages(engine, start(engine, project.name, cycle_settings), cycle_settings)
+    cycle_id = start(engine, project.name, cycle_settings)
+    outcome = cycles.train_cycle(engine, cycle_id, cycle_settings)
+    assert cycles.train_cycle(engine, cycle_id, cycle_settings) == cycles.TrainOutcome()
+    for chunk_id in outcome.chunk_ids:
+        cycles.score_chunk(engine, chunk_id, cycle_settings, worker="a")
+        assert cycles.score_chunk(engine, chunk_id, cycle_settings, worker="b").scored == 0
+    assert cycles.select_cycle(engine, cycle_id, cycle_settings) is True
+    assert cycles.select_cycle(engine, cycle_id, cycle_settings) is False
+    events = cycles.hand_off(engine, cycle_id, cycle_settings)
+    assert cycles.hand_off(engine, cycle_id, cycle_settings) == []
+    assert cycles.ingest_events(engine, events).stored == 20
+    again = cycles.ingest_events(engine, events)
+    assert (again.stored, again.duplicates) == (0, 20)
+    with db.session_scope(engine) as session:
+        p = get_project(session, project.name)
+        stored = session.exec(
+            select(func.count()).select_from(Annotation).where(Annotation.project_id == p.id)
+        ).one()
+        assert stored == 40
+        assert cycle_row(engine, cycle_id).model_version == 1
+        models = session.exec(
+            select(func.count()).select_from(ModelVersion).where(ModelVersion.project_id == p.id)
+        ).one()
+        assert models == 1
+
+
+def test_cancel_stops_a_pending_cycle_at_once_and_a_running_one_at_its_next_checkpoint(
+    engine: sa.Engine, cycle_settings: Settings, digits: Digits, tmp_path: Path
+) -> None:
+    project = make_digits_project(engine, cycle_settings, digits, tmp_path)
+    first = start(engine, project.name, cycle_settings)
+    with db.session_scope(engine) as session:
+        assert cycles.cancel_cycle(session, project.name).state == "cancelled"
+    assert cycles.train_cycle(engine, first, cycle_settings) == cycles.TrainOutcome()
+    with db.session_scope(engine) as session:
+        second = cycles.start_cycle(session, project.name, trigger="test", settings=cycle_settings)
+    assert cycles.train_cycle(engine, second.id or 0, cycle_settings).select  # cold start
+    assert cycles.select_cycle(engine, second.id or 0, cycle_settings)
+    with db.session_scope(engine) as session:
+        cycles.cancel_cycle(session, project.name)
+    assert cycles.hand_off(engine, second.id or 0, cycle_settings) == []
+    assert cycle_row(engine, second.id or 0).state == "cancelled"
+    with db.session_scope(engine) as session:
+        # The cancelled cycle's selection went back to the pool.
+        counts = pool_counts(session, get_project(session, project.name)).by_status
+        assert (counts["selected"], counts["unlabeled"]) == (0, 600)
+        with pytest.raises(Exception, match="no active cycle"):
+            cycles.cancel_cycle(session, project.name)
+
+
+def test_paused_projects_and_spent_budgets_start_nothing(
+    engine: sa.Engine, cycle_settings: Settings, digits: Digits, tmp_path: Path
+) -> None:
+    project = make_digits_project(
+        engine, cycle_settings, digits, tmp_path, label_budget=30, retrain_min_new_labels=5
+    )
+    with db.session_scope(engine) as session:
+        set_paused(session, project.name, paused=True)
+    assert cycles.maybe_start_cycle(engine, project.name, cycle_settings) is None
+    with db.session_scope(engine) as session, pytest.raises(InvalidInput, match="paused"):
+        cycles.start_cycle(session, project.name, trigger="cli", settings=cycle_settings)
+    with db.session_scope(engine) as session:
+        set_paused(session, project.name, paused=False)
+    first = start(engine, project.name, cycle_settings)
+    run_stages(engine, first, cycle_settings)
+    second = start(engine, project.name, cycle_settings)
+    run_stages(engine, second, cycle_settings)
+    assert cycle_row(engine, second).selected_count == 10  # the 30-label budget caps the batch
+    assert cycles.maybe_start_cycle(engine, project.name, cycle_settings) is None
+    with db.session_scope(engine) as session, pytest.raises(InvalidInput, match="budget"):
+        cycles.start_cycle(session, project.name, trigger="cli", settings=cycle_settings)
+
+
+def test_cron_starts_a_cycle_without_new_labels(
+    engine: sa.Engine, cycle_settings: Settings, digits: Digits, tmp_path: Path
+) -> None:
+    project = make_digits_project(engine, cycle_settings, digits, tmp_path)
+    first = start(engine, project.name, cycle_settings)
+    run_stages(engine, first, cycle_settings)
+    second = start(engine, project.name, cycle_settings)
+    run_stages(engine, second, cycle_settings)
+    with db.session_scope(engine) as session:
+        update_project(session, project.name, retrain_min_new_labels=1000)
+    created = cycle_row(engine, second).created_at
+    assert cycles.maybe_start_cycle(engine, project.name, cycle_settings, now=created) is None
+    with db.session_scope(engine) as session:
+        update_project(session, project.name, retrain_cron="*/5 * * * *")
+    later = created + timedelta(minutes=6)
+    assert cycles.maybe_start_cycle(engine, project.name, cycle_settings, now=created) is None
+    cycle = cycles.maybe_start_cycle(engine, project.name, cycle_settings, now=later)
+    assert cycle is not None
+    assert cycle.trigger == "cron */5 * * * *"
+
+
+def test_recovery_reenqueues_expired_leases_and_fails_after_the_attempt_limit(
+    engine: sa.Engine, cycle_settings: Settings, digits: Digits, tmp_path: Path
+) -> None:
+    settings = cycle_settings.model_copy(update={"max_chunk_attempts": 2, "lease_s": 5.0})
+    project = make_digits_project(engine, settings, digits, tmp_path)
+    run_stages(engine, start(engine, project.name, settings), settings)
+    cycle_id = start(engine, project.name, settings)
+    chunk_ids = cycles.train_cycle(engine, cycle_id, settings).chunk_ids
+    with db.session_scope(engine) as session:
+        claimed = cycles._claim_chunk(session, chunk_ids[0], "dead-worker", settings)
+    assert claimed == 1
+    soon = utcnow() + timedelta(seconds=1)
+    assert cycles.recover_stalled(engine, settings, now=soon).chunk_ids == []  # lease still live
+    later = utcnow() + timedelta(seconds=10)
+    expired = cycles.recover_stalled(engine, settings, now=later, stale_s=3600)
+    assert expired.chunk_ids == [chunk_ids[0]]
+    # Pending chunks untouched for a lease may have lost their message: enqueued again too.
+    assert cycles.recover_stalled(engine, settings, now=later).chunk_ids == chunk_ids
+    with db.session_scope(engine) as session:
+        session.execute(
+            sa.update(ScoreChunk)
+            .where(col(ScoreChunk.id) == chunk_ids[0])
+            .values(attempts=2, lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+    recovery = cycles.recover_stalled(engine, settings)
+    assert recovery.failed_cycle_ids == [cycle_id]
+    failed = cycle_row(engine, cycle_id)
+    assert failed.state == "failed"
+    assert "gave up after 2 attempts" in (failed.failure_reason or "")
+
+
+def test_a_chunk_that_fails_every_time_fails_the_cycle_after_n_attempts(
+    engine: sa.Engine, cycle_settings: Settings, digits: Digits, tmp_path: Path
+) -> None:
+    settings = cycle_settings.model_copy(update={"max_chunk_attempts": 3})
+    project = make_digits_project(engine, settings, digits, tmp_path)
+    run_stages(engine, start(engine, project.name, settings), settings)
+    # A later batch of items lands in a shard of its own; damage it behind focalloop's back.
+    extra = tmp_path / "extra.npz"
+    np.savez(extra, features=digits.features[1000:1100] + 0.001)
+    with db.session_scope(engine) as session:
+        report = add_to_pool(
+            session,
+            get_project(session, project.name),
+            str(extra),
+            settings=settings,
+            trusted_roots=[f"file://{tmp_path}"],
+        )
+    (tmp_path / "store" / report.shards[0]).write_bytes(b"PAR1 damaged")
+    cycle_id = start(engine, project.name, settings)
+    outcome = cycles.train_cycle(engine, cycle_id, settings)
+    with db.session_scope(engine) as session:
+        bad_id = session.exec(
+            select(ScoreChunk.id).where(
+                ScoreChunk.cycle_id == cycle_id, ScoreChunk.shard_key == report.shards[0]
+            )
+        ).one()
+    bad = bad_id or 0
+    for attempt in (1, 2):
+        with pytest.raises(TransientError, match=f"attempt {attempt} failed"):
+            cycles.score_chunk(engine, bad, settings, worker="w")
+    cycles.score_chunk(engine, bad, settings, worker="w")  # the last attempt gives up
+    for chunk_id in outcome.chunk_ids:
+        cycles.score_chunk(engine, chunk_id, settings, worker="w")  # the others find it failed
+    failed = cycle_row(engine, cycle_id)
+    assert failed.state == "failed"
+    assert "failed 3 times" in (failed.failure_reason or "")
+    assert "content does not match its hash" in (failed.failure_reason or "")
+    with db.session_scope(engine) as session:
+        chunk = session.get(ScoreChunk, bad)
+        assert chunk is not None and (chunk.state, chunk.attempts) == ("failed", 3)
+    assert cycles.select_cycle(engine, cycle_id, settings) is False
+
+
+def _start_together(
+    url: str,
+    name: str,
+    barrier: "multiprocessing.synchronize.Barrier",
+    results: "multiprocessing.Queue[str]",
+    data_dir: str,
+) -> None:
+    engine = db.make_engine(url)
+    settings = Settings(data_dir=Path(data_dir))
+    barrier.wait()
+    try:
+        with db.session_scope(engine) as session:
+            cycles.start_cycle(session, name, trigger="race", settings=settings)
+        results.put("started")
+    except Conflict:
+        results.put("conflict")
+
+
+@pytest.mark.parametrize("contenders", [2, 4])
+def test_concurrent_starts_from_separate_processes_make_exactly_one_cycle(
+    engine: sa.Engine, cycle_settings: Settings, digits: Digits, tmp_path: Path, contenders: int
+) -> None:
+    project = make_digits_project(engine, cycle_settings, digits, tmp_path, n_items=50)
+    url = engine.url.render_as_string(hide_password=False)
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(contenders)
+    results: multiprocessing.Queue[str] = context.Queue()
+    processes = [
+        context.Process(
+            target=_start_together,
+            args=(url, project.name, barrier, results, str(tmp_path / "data")),
+        )
+        for _ in range(contenders)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+        assert process.exitcode == 0
+    outcomes = sorted(results.get(timeout=5) for _ in range(contenders))
+    assert outcomes == ["conflict"] * (contenders - 1) + ["started"]
+    with db.session_scope(engine) as session:
+        p = get_project(session, project.name)
+        count = session.exec(
+            select(func.count()).select_from(Cycle).where(Cycle.project_id == p.id)
+        ).one()
+        assert count == 1
+        state = session.exec(select(Cycle.state).where(Cycle.project_id == p.id)).one()
+        assert state == CycleState.PENDING

@@ -1,0 +1,57 @@
+"""The Celery app: configured from Settings, queues `gpu` (train, score_chunk) and `io` (the rest).
+
+Delivery is at-least-once and the tasks make it effectively once: messages are acknowledged
+only after the task ran (`task_acks_late`), a task whose worker process died is put back
+(`task_reject_on_worker_lost`), each process reserves one message at a time (prefetch 1), and
+Redis redelivers an unacknowledged message after `visibility_timeout_s`, which must exceed the
+longest task. The database, not the result backend, records what happened (no results kept).
+"""
+
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery
+
+from services.config import Settings, get_settings
+
+GPU_QUEUE = "gpu"
+IO_QUEUE = "io"
+GPU_TASKS = ("focalloop.train", "focalloop.score_chunk")
+
+
+def create_app(settings: Settings) -> Celery:
+    """A Celery app for `settings` (nothing connects until a worker or a send needs it)."""
+    app = Celery("focalloop", broker=settings.broker_url, include=["workers.tasks"])
+    transport: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s}
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        result_backend=None,
+        broker_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        # Keep retrying a lost broker rather than exiting: a Redis restart must not kill workers.
+        broker_connection_max_retries=None,
+        task_default_queue=IO_QUEUE,
+        task_routes={name: {"queue": GPU_QUEUE} for name in GPU_TASKS},
+        task_serializer="json",
+        accept_content=["json"],
+        worker_hijack_root_logger=False,
+        beat_schedule={
+            "maybe-start-cycles": {
+                "task": "focalloop.maybe_start_cycles",
+                "schedule": timedelta(seconds=settings.schedule_interval_s),
+            },
+            "recover-stalled": {
+                "task": "focalloop.recover_stalled",
+                "schedule": timedelta(seconds=settings.recover_interval_s),
+            },
+        },
+    )
+    return app
+
+
+# The app Celery's command line and the task decorators use; created from the environment once,
+# on import, without connecting to anything.
+app = create_app(get_settings())
