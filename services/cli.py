@@ -19,6 +19,8 @@ from services.bench.focal_loss import run_focal_loss_bench
 from services.bench.label_efficiency import run_label_efficiency_bench
 from services.bench.manifest import run_manifest_bench
 from services.bench.report import write_json
+from services.bench.scoring import run_score_bench
+from services.bench.selection import run_select_bench
 from services.commands.cycles import beat, cycle_app, worker
 from services.commands.datasets import datasets_app
 from services.commands.state import db_app, pool_app, project_app
@@ -167,6 +169,89 @@ def bench_manifest(
                 }
                 for row in rows
             },
+        )
+        console.print(f"wrote {json_path}")
+
+
+@bench_app.command("score")
+def bench_score(
+    items: Annotated[int, typer.Option(min=1, help="Pool items (128 features each).")] = 200_000,
+    chunk_size: Annotated[
+        list[int] | None, typer.Option("--chunk-size", help="Chunk sizes (repeatable).")
+    ] = None,
+    repeats: Annotated[int, typer.Option(min=1)] = 3,
+    json_path: JsonOption = None,
+) -> None:
+    """Scoring items/s: bare forward pass, in-process chunks, 2 Celery worker processes."""
+    rows = run_score_bench(items=items, chunk_sizes=chunk_size, repeats=repeats)
+    table = Table(
+        title=f"scoring {items:,} x 128 features, MLP 128-256-256-10, median of {repeats}"
+    )
+    for column in (
+        "chunk",
+        "chunks",
+        "roofline/s",
+        "in-process/s",
+        "distributed/s",
+        "in-proc/roof",
+        "dist/in-proc",
+        "overhead ms/chunk",
+    ):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(
+            str(row.chunk_size),
+            str(row.chunks),
+            f"{row.roofline_items_per_s:,.0f}",
+            f"{row.inprocess_items_per_s:,.0f}",
+            f"{row.distributed_items_per_s:,.0f}",
+            f"{row.inprocess_vs_roofline:.2f}",
+            f"{row.distributed_vs_inprocess_ratio:.2f}",
+            f"{row.chunk_overhead_ms:.1f}",
+        )
+    console.print(table)
+    if json_path is not None:
+        write_json(
+            json_path,
+            benchmark="score",
+            device=resolve_device("cpu"),
+            rows=[row.to_dict() for row in rows],
+            summary={
+                str(row.chunk_size): {
+                    "distributed_vs_inprocess_ratio": row.distributed_vs_inprocess_ratio,
+                    "chunk_overhead_ms": row.chunk_overhead_ms,
+                }
+                for row in rows
+            },
+        )
+        console.print(f"wrote {json_path}")
+
+
+@bench_app.command("select")
+def bench_select(
+    pool_items: Annotated[int, typer.Option(min=1, help="Items in the scored pool.")] = 1_000_000,
+    chunk_size: Annotated[int, typer.Option(min=1, help="Items per scoring chunk.")] = 16_384,
+    batch: Annotated[int, typer.Option(min=1, help="Batch to choose.")] = 1000,
+    repeats: Annotated[int, typer.Option(min=1)] = 5,
+    json_path: JsonOption = None,
+) -> None:
+    """Merge a pool's chunk candidates and choose a batch (diversity + class quotas)."""
+    result = run_select_bench(
+        pool_items=pool_items, chunk_size=chunk_size, batch=batch, repeats=repeats
+    )
+    console.print(
+        f"{result.pool_items:,} items in {result.chunks} chunks -> {result.candidates:,} "
+        f"candidates -> batch of {result.batch}: {result.select_seconds:.3f} s median of "
+        f"{result.repeats} (merge {result.merge_seconds:.3f} s, choose "
+        f"{result.choose_seconds:.3f} s)"
+    )
+    if json_path is not None:
+        write_json(
+            json_path,
+            benchmark="select",
+            device=resolve_device("cpu"),
+            rows=[result.to_dict()],
+            summary={"select_seconds": result.select_seconds},
         )
         console.print(f"wrote {json_path}")
 

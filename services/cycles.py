@@ -39,7 +39,7 @@ from numpy.typing import NDArray
 from sqlmodel import Session, col, func, select
 
 from services.config import Settings
-from services.datasets.pool import PoolShard, load_shard
+from services.datasets.pool import load_shard
 from services.datasets.snapshot import get_version, snapshot
 from services.datasets.store import DatasetStore, open_store, safe_key, sha256_hex
 from services.datasets.versions import read_version
@@ -110,9 +110,9 @@ def _store(project: Project, settings: Settings) -> DatasetStore:
 
 
 class _BoundedCache:
-    """A small per-process cache of immutable objects (content-addressed shards, write-once
-    checkpoints), so a worker scoring chunk after chunk reads each once. Keyed by store URL and
-    key; Settings stay out of the key (they are not hashable and do not change the bytes)."""
+    """A small per-process cache of immutable objects (write-once checkpoints), so a worker
+    scoring chunk after chunk loads its model once. Keyed by store URL and key; Settings stay
+    out of the key (they are not hashable and do not change the bytes)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -131,21 +131,17 @@ class _BoundedCache:
         return value
 
 
-_SHARDS = _BoundedCache(64)
 _MODELS = _BoundedCache(4)
-
-
-def _cached_shard(store_url: str, key: str, settings: Settings) -> PoolShard:
-    shard: PoolShard = _SHARDS.get(
-        store_url, key, lambda: load_shard(open_store(store_url, settings), key)
-    )
-    return shard
 
 
 def load_items(
     session: Session, project: Project, item_ids: Sequence[int], settings: Settings
 ) -> NDArray[np.float32]:
-    """The decoded data of items (by database id), in the order given: [n, *item_shape]."""
+    """The decoded data of items (by database id), in the order given: [n, *item_shape].
+
+    Each shard involved is read (and its hash checked) once per call. Nothing is cached across
+    calls: a decoded image shard is hundreds of MB, and scoring reads each shard once anyway.
+    """
     rows = {
         item_id: (shard_key, shard_row)
         for item_id, shard_key, shard_row in session.execute(
@@ -157,12 +153,19 @@ def load_items(
     missing = [i for i in item_ids if i not in rows or rows[i][0] is None]
     if missing:
         raise PermanentError(f"items {missing[:5]} have no decoded data in the pool")
-    parts = []
-    for item_id in item_ids:
-        shard_key, shard_row = rows[item_id]
-        shard = _cached_shard(project.store_url, str(shard_key), settings)
-        parts.append(shard.data[int(shard_row or 0)])
-    return np.stack(parts).astype(np.float32, copy=False)
+    store = _store(project, settings)
+    positions_by_shard: dict[str, list[int]] = {}
+    for position, item_id in enumerate(item_ids):
+        positions_by_shard.setdefault(str(rows[item_id][0]), []).append(position)
+    output: NDArray[np.float32] | None = None
+    for shard_key, positions in positions_by_shard.items():
+        shard = load_shard(store, shard_key)
+        if output is None:
+            output = np.empty((len(item_ids), *shard.data.shape[1:]), dtype=np.float32)
+        shard_rows = [int(rows[item_ids[p]][1] or 0) for p in positions]
+        output[positions] = shard.data[shard_rows]
+    assert output is not None
+    return output
 
 
 def human_labels_spent(session: Session, project: Project) -> int:
@@ -931,7 +934,8 @@ def select_cycle(engine: sa.Engine, cycle_id: int, settings: Settings) -> bool:
                     [
                         candidates_from_table(pq.read_table(io.BytesIO(store.get(k))))
                         for k in chunk_keys
-                    ]
+                    ],
+                    k_prime=batch_size * config.selection.candidate_multiplier(),
                 )
                 live = _still_unlabeled(session, merged.item_ids.tolist())
                 merged = merged.take(np.flatnonzero(np.isin(merged.item_ids, list(live))))

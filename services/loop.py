@@ -253,7 +253,7 @@ def score_stage(
             ids, output.probs, strategy.scores(output.probs), output.embeddings
         )
         chunks.append(chunk_candidates(scored, k_prime))
-    return merge_candidates(chunks)
+    return merge_candidates(chunks, k_prime=k_prime)
 
 
 def rare_classes(counts: NDArray[np.integer[Any]], rare_share: float) -> list[int]:

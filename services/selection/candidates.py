@@ -97,14 +97,34 @@ def chunk_candidates(chunk: Candidates, k_prime: int) -> Candidates:
     return chunk.take(order[keep[order]])
 
 
-def merge_candidates(chunks: list[Candidates]) -> Candidates:
-    """One ranked candidate set from every chunk's candidates (item ids must not repeat)."""
+def merge_candidates(chunks: list[Candidates], k_prime: int | None = None) -> Candidates:
+    """One ranked candidate set from every chunk's candidates (item ids must not repeat).
+
+    With `k_prime`, only the merged set's top-k' overall and per predicted class are kept: the
+    same rule `chunk_candidates` applies, so every selector sees exactly what it would have
+    seen in the full merge. Ranking and the cut use ids, scores and probabilities only; the
+    embeddings (the bulk: [n, D] float32) are gathered for the kept rows alone.
+    """
     if not chunks:
         raise InvalidInput("no chunk candidates to merge")
-    merged = Candidates(
-        np.concatenate([c.item_ids for c in chunks]),
-        np.concatenate([c.probs for c in chunks]),
-        np.concatenate([c.embeddings for c in chunks]),
-        np.concatenate([c.scores for c in chunks]),
-    )
-    return merged.take(merged.ranking())
+    item_ids = np.concatenate([c.item_ids for c in chunks])
+    scores = np.concatenate([c.scores for c in chunks])
+    probs = np.concatenate([c.probs for c in chunks])
+    order = np.lexsort((item_ids, -scores.astype(np.float64))).astype(np.int64)
+    if k_prime is not None:
+        if k_prime < 1:
+            raise InvalidInput(f"k' must be >= 1, got {k_prime}")
+        keep = np.zeros(len(order), dtype=bool)
+        keep[order[:k_prime]] = True
+        predicted = probs.argmax(axis=1)[order]
+        for label in np.unique(predicted):
+            keep[order[predicted == label][:k_prime]] = True
+        order = order[keep[order]]
+    offsets = np.cumsum([0] + [len(c) for c in chunks])
+    owner = np.searchsorted(offsets, order, side="right") - 1
+    width = chunks[0].embeddings.shape[1]
+    embeddings = np.empty((len(order), width), dtype=np.float32)
+    for index in np.unique(owner):
+        rows = np.flatnonzero(owner == index)
+        embeddings[rows] = chunks[index].embeddings[order[rows] - offsets[index]]
+    return Candidates(item_ids[order], probs[order], embeddings, scores[order])

@@ -47,3 +47,40 @@ def test_every_focalloop_environment_key_is_a_setting() -> None:
         )
         unknown = {key for key in keys if key.startswith("FOCALLOOP_")} - fields
         assert not unknown, f"{name}: {sorted(unknown)} are not focalloop settings"
+
+
+def _parse_cli(args: list[str]) -> None:
+    """Parse `focalloop ARGS --help`: the command must exist and every option before --help
+    must be one it takes (the parser rejects unknown ones before it reaches the eager --help),
+    so a misspelled command or option in the compose file fails here without running it."""
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
+    result = CliRunner().invoke(app, [*args, "--help"])
+    assert result.exit_code == 0, f"focalloop {' '.join(args)}: {result.output}"
+    assert "Usage:" in result.output
+
+
+def test_every_focalloop_command_in_compose_exists_with_its_options() -> None:
+    commands = [
+        service["command"]
+        for service in compose()["services"].values()
+        if isinstance(service.get("command"), list) and service["command"][0] == "focalloop"
+    ]
+    assert len(commands) >= 4
+    for command in commands:
+        _parse_cli(command[1:])
+
+
+def test_the_gpu_worker_reserves_a_gpu_and_serves_only_the_gpu_queue() -> None:
+    worker = compose()["services"]["worker-gpu"]
+    assert worker["command"][worker["command"].index("--queues") + 1] == "gpu"
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+
+
+def test_dockerfile_installs_the_project_and_its_migrations() -> None:
+    dockerfile = (ROOT / "infra" / "Dockerfile").read_text()
+    for needed in ("COPY services", "COPY workers", "COPY infra/migrations", "pip install -e ."):
+        assert needed in dockerfile

@@ -167,6 +167,54 @@ def test_merged_chunk_candidates_equal_the_global_top_k(chunk_size: int) -> None
     assert len(merged) <= len(chunks) * k_prime * 6
 
 
+@pytest.mark.parametrize("chunk_size", [7, 333])
+def test_merging_with_k_prime_keeps_exactly_the_top_k_overall_and_per_class(
+    chunk_size: int,
+) -> None:
+    rng = np.random.default_rng(5)
+    n, k_prime = 1500, 20
+    probs = rng.dirichlet(np.ones(4) * 0.4, size=n)
+    scores = np.round(make_strategy("entropy").scores(probs), 2)
+    pool = Candidates.build(rng.permutation(n) * 3, probs, scores, rng.normal(size=(n, 6)))
+    chunks = [
+        chunk_candidates(pool.take(np.arange(start, min(start + chunk_size, n))), k_prime)
+        for start in range(0, n, chunk_size)
+    ]
+    full = merge_candidates(chunks)
+    expected = chunk_candidates(full, k_prime)  # the same cut applied to the full merge
+    reduced = merge_candidates(chunks, k_prime=k_prime)
+    np.testing.assert_array_equal(reduced.item_ids, expected.item_ids)
+    np.testing.assert_array_equal(reduced.embeddings, expected.embeddings)
+    np.testing.assert_array_equal(reduced.probs, expected.probs)
+    assert len(reduced) < len(full)
+    selector = ClassQuota(KCenterDiversity(TopScores(), oversample=3), rare_classes=[3])
+    np.testing.assert_array_equal(
+        full.item_ids[selector.select(full, k_prime)],
+        reduced.item_ids[selector.select(reduced, k_prime)],
+    )
+
+
+def test_k_center_picks_match_the_direct_distance_computation() -> None:
+    rng = np.random.default_rng(6)
+    n, k = 400, 40
+    pool = Candidates.build(
+        np.arange(n), rng.dirichlet(np.ones(3), size=n), rng.random(n), rng.normal(size=(n, 16))
+    )
+    picked = KCenterDiversity(TopScores(), oversample=5).select(pool, k)
+    # Reference: the textbook greedy with explicit differences.
+    order = pool.ranking()[: k * 5]
+    points = pool.embeddings[order].astype(np.float64)
+    chosen = [0]
+    nearest = ((points - points[0]) ** 2).sum(axis=1)
+    nearest[0] = -1
+    for _ in range(k - 1):
+        pick = int(np.argmax(nearest))
+        chosen.append(pick)
+        nearest = np.minimum(nearest, ((points - points[pick]) ** 2).sum(axis=1))
+        nearest[chosen] = -1
+    np.testing.assert_array_equal(picked, order[chosen])
+
+
 def test_candidates_refuse_duplicate_ids_and_bad_shapes() -> None:
     with pytest.raises(InvalidInput, match="unique"):
         Candidates.build(np.array([1, 1]), np.full((2, 2), 0.5), np.zeros(2))
