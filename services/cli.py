@@ -243,7 +243,8 @@ def bench_select(
         f"{result.pool_items:,} items in {result.chunks} chunks -> {result.candidates:,} "
         f"candidates -> batch of {result.batch}: {result.select_seconds:.3f} s median of "
         f"{result.repeats} (merge {result.merge_seconds:.3f} s, choose "
-        f"{result.choose_seconds:.3f} s)"
+        f"{result.choose_seconds:.3f} s); keeping all {result.full_candidates:,} candidates: "
+        f"{result.full_merge_select_seconds:.3f} s"
     )
     if json_path is not None:
         write_json(

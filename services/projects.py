@@ -10,7 +10,7 @@ from sqlmodel import Session, col, func, select
 
 from services.datasets.store import StoreUrl
 from services.errors import Conflict, InvalidInput, NotFound
-from services.loop import SelectionConfig
+from services.loop import SelectionConfig, default_loop_config
 from services.ml.train import LossSpec
 from services.models import Item, ItemStatus, Project, utcnow
 
@@ -78,8 +78,6 @@ class ProjectSpec:
 
 
 def _checked_loss(loss: dict[str, Any] | None, n_classes: int) -> dict[str, Any]:
-    from services.loop import default_loop_config
-
     spec = default_loop_config().loss if loss is None else LossSpec.from_dict(loss)
     try:
         # Building the loss runs its own checks (gamma >= 0, alpha length, scheme names).

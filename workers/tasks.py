@@ -18,9 +18,10 @@ from celery.signals import worker_process_init
 
 from services import cycles
 from services.config import Settings, get_settings
+from services.datasets.snapshot import snapshot as commit_snapshot
 from services.db import engine_from_settings, session_scope
 from services.errors import TransientError
-from services.projects import list_projects
+from services.projects import get_project, list_projects
 from workers.app import app
 
 log = logging.getLogger("focalloop.workers")
@@ -132,9 +133,6 @@ def ingest(event_ids: list[int]) -> None:
 
 @task("focalloop.snapshot")
 def snapshot(project_name: str) -> None:
-    from services.datasets.snapshot import snapshot as commit_snapshot
-    from services.projects import get_project
-
     with session_scope(engine()) as session:
         commit_snapshot(session, get_project(session, project_name), settings=settings())
 

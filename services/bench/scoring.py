@@ -100,6 +100,8 @@ def _register(
                 modality="features",
                 store_url=f"file://{folder / 'store'}",
                 batch_size=100,
+                # No exploration: the bench times scoring, not cold start's clustering.
+                selection={"explore_share": 0.0},
             ),
         )
         add_to_pool(

@@ -3,9 +3,11 @@
 The chunk candidates are made the way `score_chunk` makes them (least-confidence scores, each
 chunk's top-k' overall and per predicted class, k' = batch x oversample) from synthetic model
 outputs: long-tailed predicted classes, Dirichlet probabilities, Gaussian embeddings. Timed:
-`merge_candidates` over every chunk plus `select_stage` with the default selection
-(k-center diversity over the top batch x 5, a quarter of the batch reserved for rare classes),
-which is what `select_cycle` does once it has read the candidates.
+`merge_candidates` over every chunk (keeping the top-k' overall and per class) plus
+`select_stage` with the default selection (k-center diversity over the top batch x 5, a quarter
+of the batch reserved for rare classes), which is what `select_cycle` does once it has read the
+candidates. Baseline, in the same run: the merge keeping every chunk candidate, then the same
+selection (it must choose the same batch, which is checked).
 """
 
 import statistics
@@ -32,6 +34,8 @@ class SelectBenchResult:
     select_seconds: float  # median of merge + select
     merge_seconds: float
     choose_seconds: float
+    full_merge_select_seconds: float  # baseline: merge keeping every candidate, then select
+    full_candidates: int
     repeats: int
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,14 +89,25 @@ def run_select_bench(
     totals: list[float] = []
     merges: list[float] = []
     chooses: list[float] = []
-    candidates = 0
+    baselines: list[float] = []
+    candidates = full_candidates = 0
     for _ in range(repeats):
+        start = time.perf_counter()
+        everything = merge_candidates(chunks)
+        baseline = select_stage(
+            candidates=everything, counts=counts, config=config, batch_size=batch
+        )
+        baselines.append(time.perf_counter() - start)
+        full_candidates = len(everything)
+        del everything
         start = time.perf_counter()
         merged = merge_candidates(chunks, k_prime=batch * config.candidate_multiplier())
         merged_at = time.perf_counter()
         chosen = select_stage(candidates=merged, counts=counts, config=config, batch_size=batch)
         end = time.perf_counter()
         assert len(chosen) == batch == len(set(chosen.tolist()))
+        # Keeping only the top-k' overall and per class changes nothing about the choice.
+        assert chosen.tolist() == baseline.tolist()
         candidates = len(merged)
         totals.append(end - start)
         merges.append(merged_at - start)
@@ -108,5 +123,7 @@ def run_select_bench(
         select_seconds=statistics.median(totals),
         merge_seconds=statistics.median(merges),
         choose_seconds=statistics.median(chooses),
+        full_merge_select_seconds=statistics.median(baselines),
+        full_candidates=full_candidates,
         repeats=repeats,
     )

@@ -13,6 +13,7 @@ from services.datasets.pool import add_to_pool
 from services.db import current_revision, engine_from_settings, head_revision, session_scope
 from services.db import upgrade as upgrade_database
 from services.errors import InvalidInput
+from services.loop import default_loop_config
 from services.projects import (
     ProjectSpec,
     create_project,
@@ -70,8 +71,6 @@ def project_create(
     retrain_cron: Annotated[str | None, typer.Option(help="Also retrain on this cron.")] = None,
 ) -> None:
     """Create a project."""
-    from services.loop import default_loop_config
-
     loss = default_loop_config().loss.to_dict()
     if gamma is not None:
         loss["gamma"] = gamma

@@ -243,6 +243,23 @@ def prepare_scoring_cycle(
     return project, second.id or 0
 
 
+def train_until_a_chunk_is_mid_task(
+    engine: sa.Engine, settings: Settings, running: Cluster, cycle_id: int
+) -> ScoreChunk:
+    """Enqueue the cycle's training and wait until a chunk is being scored (the workers run
+    with a completion delay, so the chunk stays mid-task long enough for a fault to land)."""
+    sender(settings).send_task("focalloop.train", args=[cycle_id], queue="gpu")
+    wait_for(
+        lambda: running_chunk(engine, cycle_id) is not None,
+        timeout=90,
+        what="a chunk mid-task",
+        logs=running,
+    )
+    chunk = running_chunk(engine, cycle_id)
+    assert chunk is not None
+    return chunk
+
+
 def running_chunk(engine: sa.Engine, cycle_id: int) -> ScoreChunk | None:
     with db.session_scope(engine) as session:
         return session.exec(
@@ -367,14 +384,7 @@ def test_killed_pool_child_mid_chunk_is_redone(
     running = cluster(FOCALLOOP_DEBUG_CHUNK_DELAY_S="2")
     running.worker()
     running.beat()
-    sender(worker_settings).send_task("focalloop.train", args=[cycle_id], queue="gpu")
-    wait_for(
-        lambda: running_chunk(state, cycle_id) is not None,
-        timeout=90,
-        what="a chunk mid-task",
-        logs=running,
-    )
-    victim = running_chunk(state, cycle_id)
+    victim = train_until_a_chunk_is_mid_task(state, worker_settings, running, cycle_id)
     assert victim is not None and victim.attempts == 1 and victim.worker
     child_pid = int(victim.worker.rsplit(":", 1)[1])
     os.kill(child_pid, signal.SIGKILL)
@@ -397,14 +407,7 @@ def test_killed_worker_mid_chunk_is_recovered_by_a_new_worker(
     running = cluster(FOCALLOOP_DEBUG_CHUNK_DELAY_S="2")
     first = running.worker(name="first")
     running.beat()
-    sender(worker_settings).send_task("focalloop.train", args=[cycle_id], queue="gpu")
-    wait_for(
-        lambda: running_chunk(state, cycle_id) is not None,
-        timeout=90,
-        what="a chunk mid-task",
-        logs=running,
-    )
-    victim = running_chunk(state, cycle_id)
+    victim = train_until_a_chunk_is_mid_task(state, worker_settings, running, cycle_id)
     assert victim is not None and victim.attempts == 1
     os.killpg(first.pid, signal.SIGKILL)  # the main process and its pool: a lost machine
     first.wait(timeout=10)
@@ -430,13 +433,7 @@ def test_redis_restart_mid_cycle(
     running = cluster(FOCALLOOP_DEBUG_CHUNK_DELAY_S="2")
     running.worker()
     running.beat()
-    sender(worker_settings).send_task("focalloop.train", args=[cycle_id], queue="gpu")
-    wait_for(
-        lambda: running_chunk(state, cycle_id) is not None,
-        timeout=90,
-        what="a chunk mid-task",
-        logs=running,
-    )
+    train_until_a_chunk_is_mid_task(state, worker_settings, running, cycle_id)
     private_redis.kill()
     assert state_of(state, cycle_id) == "scoring"  # the broker died mid-cycle
     time.sleep(2)
