@@ -423,7 +423,8 @@ def write_shard(store: DatasetStore, project: Project, candidates: Sequence[Cand
         {"format": SHARD_FORMAT, "modality": project.modality, "shape": json.dumps(shape)}
     )
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd", write_statistics=False)
+    # No dictionary encoding: it does not pay on float features or raw pixels, only costs time.
+    pq.write_table(table, sink, compression="zstd", use_dictionary=False, write_statistics=False)
     body = sink.getvalue()
     key = safe_key(project.name, "pool", "shards", f"{sha256_hex(body)}.parquet")
     store.put_if_absent(key, body)
