@@ -187,16 +187,8 @@ def bench_score(
     table = Table(
         title=f"scoring {items:,} x 128 features, MLP 128-256-256-10, median of {repeats}"
     )
-    for column in (
-        "chunk",
-        "chunks",
-        "roofline/s",
-        "in-process/s",
-        "distributed/s",
-        "in-proc/roof",
-        "dist/in-proc",
-        "overhead ms/chunk",
-    ):
+    # (1) roofline, (2) in-process, (3) distributed; see `focalloop bench score --help`.
+    for column in ("chunk", "chunks", "(1)/s", "(2)/s", "(3)/s", "(2)/(1)", "(3)/(2)", "ovh ms"):
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(

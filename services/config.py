@@ -5,6 +5,8 @@ Every field maps to an environment variable `FOCALLOOP_<FIELD>`; unknown `FOCALL
 `.env` file are refused, so a typo cannot silently fall back to a default.
 """
 
+import json
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -112,3 +114,23 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process's Settings, read from the environment on first use."""
     return Settings()
+
+
+def child_environment(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment for a focalloop process this one starts (a benchmark's or a test's
+    worker): this process's environment minus every FOCALLOOP_* key, then `settings` written
+    back as FOCALLOOP_* variables, then `extra`. Dropping the inherited keys first means the
+    child sees exactly these settings, never a stray broker or database from the caller's shell.
+    """
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("FOCALLOOP_")}
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        environment[f"FOCALLOOP_{name.upper()}"] = (
+            json.dumps(value) if isinstance(value, list) else str(value)
+        )
+    environment.update(extra)
+    return environment

@@ -35,7 +35,7 @@ from celery import Celery
 from sqlmodel import col, select
 
 from services import cycles, db
-from services.config import Settings
+from services.config import Settings, child_environment
 from services.datasets.pool import add_to_pool
 from services.datasets.store import open_store
 from services.errors import InvalidInput
@@ -240,17 +240,7 @@ def run_score_bench(
             ],
             stdout=subprocess.DEVNULL,
         )
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FOCALLOOP_")}
-        env.update(
-            {
-                "FOCALLOOP_DATA_DIR": str(settings.data_dir),
-                "FOCALLOOP_DATABASE_URL": settings.resolved_database_url(),
-                "FOCALLOOP_BROKER_URL": settings.broker_url,
-                "FOCALLOOP_DEVICE": "cpu",
-                "FOCALLOOP_TORCH_THREADS": "1",
-                "FOCALLOOP_LEASE_S": "600",
-            }
-        )
+        env = child_environment(settings.model_copy(update={"torch_threads": 1}))
         worker = None
         try:
             _wait_for_redis(redis_port)

@@ -23,7 +23,7 @@ from celery import Celery
 from sqlmodel import col, select
 
 from services import cycles, db
-from services.config import Settings
+from services.config import Settings, child_environment
 from services.datasets.pool import add_to_pool
 from services.models import Cycle, ScoreChunk
 from services.projects import get_project, pool_counts, set_paused
@@ -180,22 +180,8 @@ def state(worker_settings: Settings) -> Iterator[sa.Engine]:
 
 
 def cluster_for(settings: Settings, logs: Path, **extra: str) -> Cluster:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("FOCALLOOP_")}
-    env.update(
-        {
-            "FOCALLOOP_DATA_DIR": str(settings.data_dir),
-            "FOCALLOOP_DATABASE_URL": settings.resolved_database_url(),
-            "FOCALLOOP_BROKER_URL": settings.broker_url,
-            "FOCALLOOP_LEASE_S": str(settings.lease_s),
-            "FOCALLOOP_VISIBILITY_TIMEOUT_S": str(settings.visibility_timeout_s),
-            "FOCALLOOP_RECOVER_INTERVAL_S": str(settings.recover_interval_s),
-            "FOCALLOOP_SCHEDULE_INTERVAL_S": str(settings.schedule_interval_s),
-            "FOCALLOOP_TORCH_THREADS": "1",
-            **extra,
-        }
-    )
     logs.mkdir(parents=True, exist_ok=True)
-    return Cluster(env=env, logs=logs)
+    return Cluster(env=child_environment(settings, **extra), logs=logs)
 
 
 @pytest.fixture

@@ -1,7 +1,10 @@
+import os
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
-from services.config import Settings
+from services.config import Settings, child_environment
 
 
 def test_settings_read_the_focalloop_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -16,3 +19,23 @@ def test_unknown_and_invalid_settings_are_refused() -> None:
         Settings(devcie="cpu")  # type: ignore[call-arg]
     with pytest.raises(ValidationError):
         Settings(device="tpu")  # type: ignore[arg-type]
+
+
+def test_child_environment_carries_exactly_these_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("FOCALLOOP_BROKER_URL", "redis://stray-broker:6379/0")
+    settings = Settings(
+        data_dir=tmp_path,
+        broker_url="redis://127.0.0.1:6400/0",
+        source_roots=["file:///data/in", "s3://bucket/raw"],
+        s3_secret_access_key="secret",  # type: ignore[arg-type]
+        lease_s=3.0,
+    )
+    environment = child_environment(settings, FOCALLOOP_MAX_CHUNK_ATTEMPTS="5")
+    for key in [k for k in os.environ if k.startswith("FOCALLOOP_")]:
+        monkeypatch.delenv(key)
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    rebuilt = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert rebuilt == settings.model_copy(update={"max_chunk_attempts": 5})
