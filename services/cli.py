@@ -182,7 +182,7 @@ def bench_score(
     repeats: Annotated[int, typer.Option(min=1)] = 3,
     json_path: JsonOption = None,
 ) -> None:
-    """Scoring items/s: bare forward pass, in-process chunks, 2 Celery worker processes."""
+    """Scoring items/s: (1) bare forward pass, (2) in-process chunks, (3) 2 Celery workers."""
     rows = run_score_bench(items=items, chunk_sizes=chunk_size, repeats=repeats)
     table = Table(
         title=f"scoring {items:,} x 128 features, MLP 128-256-256-10, median of {repeats}"

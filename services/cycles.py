@@ -22,6 +22,7 @@ steps: the claim is committed before the long work starts, so another worker can
 
 import io
 import json
+import logging
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -77,7 +78,7 @@ from services.models import (
     ScoreChunk,
     utcnow,
 )
-from services.projects import get_project
+from services.projects import get_project, list_projects
 from services.selection.candidates import Candidates, chunk_candidates, merge_candidates
 from services.selection.cold_start import cold_start
 from services.selection.strategies import make_strategy
@@ -89,6 +90,7 @@ from services.state import (
     transition_items,
 )
 
+log = logging.getLogger("focalloop.cycles")
 SIMULATED_SOURCE = "simulated"
 COLD_START_SAMPLE = 20_000  # unlabeled items cold start clusters at most
 
@@ -1281,6 +1283,27 @@ def maybe_start_cycle(
             return start_cycle(session, project.name, trigger=trigger, settings=settings)
         except Conflict:
             return None  # a concurrent trigger won; its cycle runs
+
+
+def start_due_cycles(engine: sa.Engine, settings: Settings) -> list[Cycle]:
+    """`maybe_start_cycle` for every project; returns the cycles started (to train).
+
+    One project's failure (a store that cannot be reached, broken settings) is logged and
+    skipped: it must not stop the other projects' loops. It is tried again on the next call.
+    """
+    with session_scope(engine) as session:
+        names = [project.name for project in list_projects(session)]
+    started = []
+    for name in names:
+        try:
+            cycle = maybe_start_cycle(engine, name, settings)
+        except Exception:
+            log.exception("project %s: could not start a cycle", name)
+            continue
+        if cycle is not None:
+            log.info("project %s: started cycle %s (%s)", name, cycle.id, cycle.trigger)
+            started.append(cycle)
+    return started
 
 
 # --------------------------------------------------------------------------------- recovery

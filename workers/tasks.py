@@ -21,7 +21,7 @@ from services.config import Settings, get_settings
 from services.datasets.snapshot import snapshot as commit_snapshot
 from services.db import engine_from_settings, session_scope
 from services.errors import TransientError
-from services.projects import get_project, list_projects
+from services.projects import get_project
 from workers.app import app
 
 log = logging.getLogger("focalloop.workers")
@@ -140,13 +140,8 @@ def snapshot(project_name: str) -> None:
 @task("focalloop.maybe_start_cycles")
 def maybe_start_cycles() -> None:
     """Beat: give every project the chance to start a cycle."""
-    with session_scope(engine()) as session:
-        names = [project.name for project in list_projects(session)]
-    for name in names:
-        cycle = cycles.maybe_start_cycle(engine(), name, settings())
-        if cycle is not None:
-            log.info("project %s: started cycle %s (%s)", name, cycle.id, cycle.trigger)
-            train.delay(cycle.id or 0)
+    for cycle in cycles.start_due_cycles(engine(), settings()):
+        train.delay(cycle.id or 0)
 
 
 @task("focalloop.recover_stalled")

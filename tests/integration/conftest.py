@@ -10,6 +10,7 @@ import os
 import socket
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -56,8 +57,8 @@ def insert_row(engine: sa.Engine, row: SQLModel) -> None:
         session.flush()
 
 
-@pytest.fixture(scope="session")
-def pg_database_url() -> Iterator[str]:
+@contextmanager
+def _pg_database() -> Iterator[str]:
     """A fresh PostgreSQL database with a random name, migrated to head, dropped at the end."""
     name = f"focalloop_test_{uuid.uuid4().hex[:12]}"
     try:
@@ -77,6 +78,21 @@ def pg_database_url() -> Iterator[str]:
             admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
+
+
+@pytest.fixture(scope="session")
+def pg_database_url() -> Iterator[str]:
+    """The test session's PostgreSQL database; tests own their rows by unique project names."""
+    with _pg_database() as url:
+        yield url
+
+
+@pytest.fixture
+def own_pg_database_url() -> Iterator[str]:
+    """A PostgreSQL database for one test alone: for tests whose processes act on every
+    project in the database (beat), which must not see other tests' projects."""
+    with _pg_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

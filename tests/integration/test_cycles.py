@@ -2,6 +2,7 @@
 redelivery, cancel, pause, budget, cron, recovery, failing chunks, and concurrent starts."""
 
 import multiprocessing
+import shutil
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from services.models import (
     Annotation,
     Cycle,
     CycleState,
+    Item,
     ModelVersion,
     ScoreChunk,
     utcnow,
@@ -317,3 +319,28 @@ def test_concurrent_starts_from_separate_processes_make_exactly_one_cycle(
         assert count == 1
         state = session.exec(select(Cycle.state).where(Cycle.project_id == p.id)).one()
         assert state == CycleState.PENDING
+
+
+def test_one_broken_project_does_not_stop_the_others_from_starting(
+    engine: sa.Engine, cycle_settings: Settings, digits: Digits, tmp_path: Path
+) -> None:
+    healthy = make_digits_project(engine, cycle_settings, digits, tmp_path / "healthy")
+    broken = make_digits_project(engine, cycle_settings, digits, tmp_path / "broken")
+    # Seed labels make its first cycle snapshot, which needs its store: replace the store
+    # folder by a file, so writing there fails.
+    with db.session_scope(engine) as session:
+        project = get_project(session, broken.name)
+        session.execute(
+            sa.update(Item)
+            .where(col(Item.project_id) == project.id, col(Item.external_id).in_(["d0000"]))
+            .values(label="other", status="labeled")
+        )
+    store = tmp_path / "broken" / "store"
+    shutil.rmtree(store)
+    store.write_text("not a folder")
+    started = cycles.start_due_cycles(engine, cycle_settings)
+    names = {cycle_row(engine, cycle.id or 0).project_id for cycle in started}
+    with db.session_scope(engine) as session:
+        assert get_project(session, healthy.name).id in names
+        assert get_project(session, broken.name).id not in names
+        assert cycles.active_cycle(session, get_project(session, broken.name)) is None

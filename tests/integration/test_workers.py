@@ -275,7 +275,8 @@ def test_worker_and_beat_run_the_loop_end_to_end(
 ) -> None:
     if backend == "postgresql":
         worker_settings = worker_settings.model_copy(
-            update={"database_url": request.getfixturevalue("pg_database_url")}
+            # Its own database: beat acts on every project it finds, never other tests' ones.
+            update={"database_url": request.getfixturevalue("own_pg_database_url")}
         )
     engine = db.make_engine(worker_settings.resolved_database_url())
     db.upgrade(engine)
