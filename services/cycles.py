@@ -502,17 +502,24 @@ def train_cycle(engine: sa.Engine, cycle_id: int, settings: Settings) -> TrainOu
     spec = spec_for_inputs(items.shape[1:], n_classes=len(project.labels))
     if previous is not None and previous.spec != spec:
         previous = None  # the label set grew: the old head does not fit
-    with lease_renewal(
-        lambda: _renew_cycle_lease(engine, cycle_id, attempt, settings), settings.lease_s / 3
-    ) as lost:
-        result = train_stage(
-            items=items,
-            dataset=LabeledSet(version, np.arange(len(labels), dtype=np.int64), labels),
-            spec=spec,
-            config=config,
-            seed=cycle_id,
-            previous=previous,
-        )
+    try:
+        with lease_renewal(
+            lambda: _renew_cycle_lease(engine, cycle_id, attempt, settings), settings.lease_s / 3
+        ) as lost:
+            result = train_stage(
+                items=items,
+                dataset=LabeledSet(version, np.arange(len(labels), dtype=np.int64), labels),
+                spec=spec,
+                config=config,
+                seed=cycle_id,
+                previous=previous,
+            )
+    except PermanentError as error:
+        # Retrying cannot help (a non-finite loss, data that cannot be used): fail the cycle now,
+        # with the reason, instead of after every attempt's lease has run out.
+        with session_scope(engine) as session:
+            fail_cycle(session, cycle_id, f"training failed: {error}")
+        return TrainOutcome()
     if lost.is_set():
         return TrainOutcome()  # another attempt owns the cycle now
     store = _store(project, settings)

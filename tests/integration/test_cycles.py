@@ -16,7 +16,7 @@ from services import cycles, db
 from services.config import Settings
 from services.datasets.pool import add_to_pool
 from services.datasets.snapshot import model_lineage
-from services.errors import Conflict, InvalidInput, TransientError
+from services.errors import Conflict, InvalidInput, NonFiniteLossError, TransientError
 from services.models import (
     Annotation,
     Cycle,
@@ -360,3 +360,25 @@ def test_one_broken_project_does_not_stop_the_others_from_starting(
         assert get_project(session, healthy.name).id in names
         assert get_project(session, broken.name).id not in names
         assert cycles.active_cycle(session, get_project(session, broken.name)) is None
+
+
+def test_a_permanent_training_error_fails_the_cycle_at_once_with_its_reason(
+    engine: sa.Engine,
+    cycle_settings: Settings,
+    digits: Digits,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    project = make_digits_project(engine, cycle_settings, digits, tmp_path)
+    run_stages(engine, start(engine, project.name, cycle_settings), cycle_settings)
+    cycle_id = start(engine, project.name, cycle_settings)
+
+    def diverge(**_: object) -> None:
+        raise NonFiniteLossError(epoch=3, step=7, value=float("nan"))
+
+    monkeypatch.setattr(cycles, "train_stage", diverge)
+    assert cycles.train_cycle(engine, cycle_id, cycle_settings) == cycles.TrainOutcome()
+    failed = cycle_row(engine, cycle_id)
+    assert failed.state == "failed"
+    assert "training failed: training loss became non-finite" in (failed.failure_reason or "")
+    assert failed.train_attempts == 1
