@@ -17,12 +17,14 @@ from rich.table import Table
 
 from services.bench.focal_loss import run_focal_loss_bench
 from services.bench.label_efficiency import run_label_efficiency_bench
+from services.bench.labeling import run_ingest_bench, run_push_bench
 from services.bench.manifest import run_manifest_bench
 from services.bench.report import write_json
 from services.bench.scoring import run_score_bench
 from services.bench.selection import run_select_bench
 from services.commands.cycles import beat, cycle_app, worker
 from services.commands.datasets import datasets_app
+from services.commands.labeling import api, labelstudio_app
 from services.commands.state import db_app, pool_app, project_app
 from services.demo import DEMO_ARMS, digits_with_rare_class
 from services.errors import FocalloopError, InvalidInput
@@ -54,6 +56,8 @@ app.add_typer(project_app, name="project")
 app.add_typer(pool_app, name="pool")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(cycle_app, name="cycle")
+app.add_typer(labelstudio_app, name="labelstudio")
+app.command("api")(api)
 app.command("worker")(worker)
 app.command("beat")(beat)
 
@@ -245,6 +249,84 @@ def bench_select(
             device=resolve_device("cpu"),
             rows=[result.to_dict()],
             summary={"select_seconds": result.select_seconds},
+        )
+        console.print(f"wrote {json_path}")
+
+
+@bench_app.command("push")
+def bench_push(
+    tasks: Annotated[int, typer.Option(min=1, help="Tasks handed off per run.")] = 10_000,
+    batch: Annotated[int, typer.Option(min=1, help="Tasks per import request.")] = 500,
+    repeats: Annotated[int, typer.Option(min=1)] = 3,
+    json_path: JsonOption = None,
+) -> None:
+    """Hand-off tasks/s into a real Label Studio, against the SDK's bare import_tasks."""
+    result = run_push_bench(tasks=tasks, repeats=repeats, batch=batch)
+    console.print(
+        f"{result.tasks:,} tasks in batches of {result.batch}, median of {result.repeats}: "
+        f"focalloop push {result.ours_tasks_per_s:,.0f} tasks/s ({result.ours_s:.1f} s), "
+        f"bare import_tasks {result.sdk_tasks_per_s:,.0f} tasks/s ({result.sdk_s:.1f} s), "
+        f"ratio {result.ours_vs_sdk_ratio:.2f}"
+    )
+    if json_path is not None:
+        write_json(
+            json_path,
+            benchmark="push",
+            device=resolve_device("cpu"),
+            rows=[result.to_dict()],
+            summary={
+                "ours_tasks_per_s": result.ours_tasks_per_s,
+                "sdk_tasks_per_s": result.sdk_tasks_per_s,
+                "ours_vs_sdk_ratio": result.ours_vs_sdk_ratio,
+            },
+        )
+        console.print(f"wrote {json_path}")
+
+
+@bench_app.command("ingest")
+def bench_ingest(
+    events: Annotated[int, typer.Option(min=1, help="Distinct webhook events per run.")] = 5000,
+    senders: Annotated[int, typer.Option(min=1, help="Concurrent HTTP senders.")] = 8,
+    duplicate_share: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of events sent a second time.")
+    ] = 0.05,
+    database: Annotated[str, typer.Option(help="postgresql (local server) or sqlite.")] = (
+        "postgresql"
+    ),
+    api_workers: Annotated[int, typer.Option(min=1, help="`focalloop api --workers`.")] = 1,
+    repeats: Annotated[int, typer.Option(min=1)] = 3,
+    json_path: JsonOption = None,
+) -> None:
+    """Webhook events/s from the API's door until every label is in the database."""
+    if database not in ("postgresql", "sqlite"):
+        raise InvalidInput(f"--database takes postgresql or sqlite, got {database!r}")
+    result = run_ingest_bench(
+        events=events,
+        senders=senders,
+        repeats=repeats,
+        duplicate_share=duplicate_share,
+        database=database,
+        api_workers=api_workers,
+    )
+    console.print(
+        f"{result.events:,} events (+{result.duplicates_sent} resent) from {result.senders} "
+        f"senders, {result.api_workers} API process(es), {result.database}, median of "
+        f"{result.repeats}: {result.events_per_s:,.0f} "
+        f"events/s ({result.seconds:.2f} s; all sent in {result.send_seconds:.2f} s); webhook "
+        f"answer p50 {result.webhook_p50_ms:.1f} ms, p99 {result.webhook_p99_ms:.1f} ms; "
+        f"lost {result.lost}, duplicated {result.duplicated}"
+    )
+    if json_path is not None:
+        write_json(
+            json_path,
+            benchmark="ingest",
+            device=resolve_device("cpu"),
+            rows=[result.to_dict()],
+            summary={
+                "events_per_s": result.events_per_s,
+                "lost": result.lost,
+                "duplicated": result.duplicated,
+            },
         )
         console.print(f"wrote {json_path}")
 

@@ -93,6 +93,43 @@ class Settings(BaseSettings):
         default=60.0, gt=0, description="How often beat runs maybe_start_cycle per project."
     )
 
+    api_url: str = Field(
+        default="http://127.0.0.1:8000",
+        description=(
+            "Where the labeling tool reaches our API (webhooks, media links): the URL as seen "
+            "from the Label Studio server, without a trailing /api."
+        ),
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Shared secret Label Studio sends in the X-Focalloop-Secret header; unset = every "
+            "webhook is refused."
+        ),
+    )
+    webhook_max_body_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        description="Larger webhook bodies are refused with 413 (Label Studio's carry the task).",
+    )
+    media_url_ttl_s: int = Field(
+        default=7 * 24 * 3600,
+        ge=60,
+        le=7 * 24 * 3600,
+        description="Lifetime of the image links tasks carry (7 days is S3's presigning limit).",
+    )
+    label_studio_timeout_s: float = Field(
+        default=60.0, gt=0, description="Per request to Label Studio."
+    )
+    label_studio_sync_interval_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="How often beat reconciles every connected project with Label Studio.",
+    )
+    label_studio_import_batch: int = Field(
+        default=500, ge=1, le=10_000, description="Tasks per import request."
+    )
+
     debug_chunk_delay_s: float = Field(
         default=0.0,
         ge=0,
@@ -108,6 +145,15 @@ class Settings(BaseSettings):
             return self.database_url
         path = self.data_dir.expanduser() / "focalloop.db"
         return f"sqlite:///{path}"
+
+
+def secret_from_environment(variable: str) -> SecretStr:
+    """A secret named by the user (e.g. `--token-env LABEL_STUDIO_TOKEN`), read from this
+    process's environment. Raises KeyError naming the variable when it is unset or empty."""
+    value = os.environ.get(variable, "")
+    if not value:
+        raise KeyError(f"environment variable {variable} is not set")
+    return SecretStr(value)
 
 
 @lru_cache(maxsize=1)

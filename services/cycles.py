@@ -40,6 +40,7 @@ from celery.schedules import crontab
 from numpy.typing import NDArray
 from sqlmodel import Session, col, func, select
 
+from services import labelstudio
 from services.config import Settings
 from services.datasets.pool import load_shard
 from services.datasets.snapshot import get_version, snapshot
@@ -416,8 +417,9 @@ def _renew_cycle_lease(engine: sa.Engine, cycle_id: int, attempt: int, settings:
 
 def _training_data(
     session: Session, project: Project, version: int, settings: Settings
-) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
-    """items [m, *shape] and labels [m] (class indices) of a committed dataset version."""
+) -> tuple[NDArray[np.float32], NDArray[np.int64], NDArray[np.int64]]:
+    """items [m, *shape], labels [m] (class indices) and item ids [m] (database ids) of a
+    committed dataset version."""
     store = _store(project, settings)
     _, table = read_version(store, project.name, version)
     external_ids = table["item_id"].to_pylist()
@@ -437,8 +439,9 @@ def _training_data(
     missing = [e for e in external_ids if e not in ids_by_external]
     if missing:
         raise PermanentError(f"dataset v{version} names items not in the pool, e.g. {missing[:5]}")
-    items = load_items(session, project, [ids_by_external[e] for e in external_ids], settings)
-    return items, labels
+    item_ids = [ids_by_external[e] for e in external_ids]
+    items = load_items(session, project, item_ids, settings)
+    return items, labels, np.array(item_ids, dtype=np.int64)
 
 
 def _is_cold_start(session: Session, project: Project, cycle: Cycle) -> bool:
@@ -448,6 +451,11 @@ def _is_cold_start(session: Session, project: Project, cycle: Cycle) -> bool:
     return sum(1 for count in counts.values() if count > 0) < 2
 
 
+# Scored each cycle: unlabeled items are the candidates; queued ones (waiting in the labeling
+# tool) are scored too, so their tasks' predictions follow the current model.
+SCORED_STATUSES = (ItemStatus.UNLABELED, ItemStatus.QUEUED)
+
+
 def _unlabeled_shards(session: Session, project: Project) -> list[str]:
     return sorted(
         key
@@ -455,7 +463,7 @@ def _unlabeled_shards(session: Session, project: Project) -> list[str]:
             sa.select(col(Item.shard_key))
             .where(
                 col(Item.project_id) == project.id,
-                col(Item.status) == ItemStatus.UNLABELED,
+                col(Item.status).in_(SCORED_STATUSES),
                 col(Item.shard_key).is_not(None),
             )
             .distinct()
@@ -494,7 +502,7 @@ def train_cycle(engine: sa.Engine, cycle_id: int, settings: Settings) -> TrainOu
         assert cycle is not None and cycle.dataset_version is not None
         project = session.get(Project, cycle.project_id)
         assert project is not None
-        items, labels = _training_data(session, project, cycle.dataset_version, settings)
+        items, labels, item_ids = _training_data(session, project, cycle.dataset_version, settings)
         previous_row = current_model(session, project)
         previous = load_model(project, previous_row, settings) if previous_row else None
         config = loop_config(project)
@@ -522,6 +530,7 @@ def train_cycle(engine: sa.Engine, cycle_id: int, settings: Settings) -> TrainOu
         return TrainOutcome()
     if lost.is_set():
         return TrainOutcome()  # another attempt owns the cycle now
+    reviews = _review_candidates(project, items, labels, item_ids, cycle_id)
     store = _store(project, settings)
     prefix = save_model(store, project, result, cycle_id=cycle_id, attempt=attempt)
     with session_scope(engine) as session:
@@ -532,6 +541,13 @@ def train_cycle(engine: sa.Engine, cycle_id: int, settings: Settings) -> TrainOu
         if _cancel_if_requested(session, cycle):
             return TrainOutcome()
         model = _record_model(session, project, cycle, result, prefix)
+        labelstudio.plan_reviews(
+            session,
+            project,
+            cycle_id,
+            reviews,
+            labelstudio.model_version_name(project, model.version),
+        )
         shards = _unlabeled_shards(session, project)
         chunks = [
             ScoreChunk(cycle_id=cycle_id, index=i, shard_key=key) for i, key in enumerate(shards)
@@ -547,6 +563,29 @@ def train_cycle(engine: sa.Engine, cycle_id: int, settings: Settings) -> TrainOu
             transition_cycle(session, cycle_id, CycleState.SELECTING)
             return TrainOutcome(select=True)
         return TrainOutcome(chunk_ids=[chunk.id or 0 for chunk in chunks])
+
+
+def _review_candidates(
+    project: Project,
+    items: NDArray[np.float32],
+    labels: NDArray[np.int64],
+    item_ids: NDArray[np.int64],
+    seed: int,
+) -> list[labelstudio.ReviewCandidate]:
+    """Labeled items a cross-fitted model confidently contradicts (Label Studio projects only:
+    the review goes back to people there)."""
+    if project.labeler.get("kind") != labelstudio.KIND:
+        return []
+    link = labelstudio.LabelStudioLink.of(project)
+    return labelstudio.review_candidates(
+        items,
+        labels,
+        item_ids,
+        n_classes=len(project.labels),
+        threshold=link.review_threshold,
+        limit=link.reviews_per_cycle,
+        seed=seed,
+    )
 
 
 def _record_model(
@@ -798,22 +837,24 @@ def _score_claimed(
                 ModelVersion.version == cycle.model_version,
             )
         ).one()
-        # The chunk is one shard: read it once and keep the rows still unlabeled now (items
-        # labeled since the cycle started are not scored).
+        # The chunk is one shard: read it once and keep the rows still unlabeled or queued now
+        # (items labeled since the cycle started are not scored).
         rows = session.execute(
-            sa.select(col(Item.id), col(Item.shard_row))
+            sa.select(col(Item.id), col(Item.shard_row), col(Item.status))
             .where(
                 col(Item.project_id) == project.id,
                 col(Item.shard_key) == chunk.shard_key,
-                col(Item.status) == ItemStatus.UNLABELED,
+                col(Item.status).in_(SCORED_STATUSES),
             )
             .order_by(col(Item.id))
         ).all()
-        item_ids = np.array([item_id for item_id, _ in rows], dtype=np.int64)
+        item_ids = np.array([item_id for item_id, _, _ in rows], dtype=np.int64)
+        # Only unlabeled items can be selected; queued ones get per-item scores only.
+        selectable = np.array([status == ItemStatus.UNLABELED for _, _, status in rows], bool)
         items = None
         if rows:
             shard = load_shard(_store(project, settings), chunk.shard_key)
-            items = shard.data[np.array([int(row or 0) for _, row in rows], dtype=np.int64)]
+            items = shard.data[np.array([int(row or 0) for _, row, _ in rows], dtype=np.int64)]
         config = loop_config(project)
         cycle_id = cycle.id or 0
         model_version = model_row.version
@@ -832,7 +873,10 @@ def _score_claimed(
         gamma = _scalar_gamma(checkpoint.loss)
         strategy = make_strategy(config.selection.strategy, seed=cycle_id, gamma=gamma)
         chunk_scored = Candidates.build(
-            item_ids, output.probs, strategy.scores(output.probs), output.embeddings
+            item_ids[selectable],
+            output.probs[selectable],
+            strategy.scores(output.probs[selectable]),
+            output.embeddings[selectable],
         )
         k_prime = config.batch_size * config.selection.candidate_multiplier()
         kept = chunk_candidates(chunk_scored, k_prime)
@@ -1097,15 +1141,41 @@ def hand_off(engine: sa.Engine, cycle_id: int, settings: Settings) -> list[int]:
     """Give the cycle's batch to the project's labeler and finish the cycle. Returns the inbox
     event ids the labeler produced (to ingest).
 
-    `simulated`: items go selected -> queued and the annotator's answers are stored as inbox
-    events, exactly as a labeling tool's webhooks would be. `none`: the items stay selected for
-    whoever fetches the batch.
+    `label_studio`: tasks are created in Label Studio (services.labelstudio); items become
+    queued as Label Studio confirms them. `simulated`: items go selected -> queued and the
+    annotator's answers are stored as inbox events, exactly as a labeling tool's webhooks would
+    be. `none`: the items stay selected for whoever fetches the batch.
     """
     with session_scope(engine) as session:
         cycle = session.get(Cycle, cycle_id)
         if cycle is None:
             raise NotFound(f"no cycle with id {cycle_id}")
         if _cancel_if_requested(session, cycle) or cycle.state != CycleState.HANDING_OFF:
+            return []
+        project = session.get(Project, cycle.project_id)
+        assert project is not None
+        kind = project.labeler.get("kind")
+    if kind == labelstudio.KIND:
+        try:
+            report = labelstudio.hand_off(engine, cycle_id, settings)
+        except InvalidInput as error:
+            # Label Studio refused (a missing token, a deleted project): retrying cannot help.
+            # Tasks never sent are dropped; the selection goes back to the pool.
+            with session_scope(engine) as session:
+                labelstudio.drop_unsent_tasks(session, cycle_id)
+                fail_cycle(session, cycle_id, f"hand-off to Label Studio failed: {error}")
+            return []
+        log.info("cycle %s handed off to Label Studio: %s", cycle_id, report)
+        with session_scope(engine) as session:
+            cycle = session.get(Cycle, cycle_id)
+            assert cycle is not None
+            if cycle.state == CycleState.HANDING_OFF:
+                transition_cycle(session, cycle_id, CycleState.DONE)
+        return []
+    with session_scope(engine) as session:
+        cycle = session.get(Cycle, cycle_id)
+        assert cycle is not None
+        if cycle.state != CycleState.HANDING_OFF:
             return []
         project = session.get(Project, cycle.project_id)
         assert project is not None
@@ -1119,7 +1189,7 @@ def hand_off(engine: sa.Engine, cycle_id: int, settings: Settings) -> list[int]:
             .order_by(col(CycleSelection.rank))
         ).all()
         event_ids: list[int] = []
-        if project.labeler.get("kind") == "simulated" and rows:
+        if kind == "simulated" and rows:
             truth = _simulated_truth(project, settings)
             transition_items(
                 session,
@@ -1159,10 +1229,25 @@ class IngestReport:
 
 
 def ingest_events(engine: sa.Engine, event_ids: Sequence[int]) -> IngestReport:
-    """Turn stored labeler events into annotations, each in its own transaction: a bad event
-    records its error and the rest go on; an event already processed is skipped."""
+    """Turn stored labeler events into annotations. Label Studio events are applied in batches
+    together with any others waiting (services.labelstudio.ingest_pending); the rest each in
+    its own transaction. A bad event records its error and the rest go on; an event already
+    processed is skipped."""
     stored = duplicates = rejected = 0
+    with session_scope(engine) as session:
+        sources = dict(
+            session.execute(
+                sa.select(col(InboxEvent.id), col(InboxEvent.source)).where(
+                    col(InboxEvent.id).in_(list(event_ids))
+                )
+            ).all()
+        )
+    if labelstudio.SOURCE in sources.values():
+        totals = labelstudio.ingest_pending(engine)
+        stored, duplicates, rejected = totals.stored, totals.duplicates, totals.rejected
     for event_id in event_ids:
+        if sources.get(event_id) == labelstudio.SOURCE:
+            continue
         with session_scope(engine) as session:
             event = session.get(InboxEvent, event_id, with_for_update=True)
             if event is None or event.processed_at is not None:

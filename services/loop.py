@@ -341,7 +341,7 @@ def choose_batch(
     explore = 0
     if np.any(counts == 0):
         explore = min(math.ceil(selection.explore_share * batch_size), batch_size)
-    exploit = np.empty(0, dtype=np.int64)
+    exploit: NDArray[np.int64] = np.empty(0, dtype=np.int64)
     if batch_size > explore:
         candidates = score_stage(
             model=model,
@@ -356,13 +356,13 @@ def choose_batch(
         exploit = select_stage(
             candidates=candidates, counts=counts, config=selection, batch_size=batch_size - explore
         )
-    explored = np.empty(0, dtype=np.int64)
+    explored: NDArray[np.int64] = np.empty(0, dtype=np.int64)
     remaining = np.setdiff1d(unlabeled_ids, exploit)
     if explore and len(remaining):
         picks = cold_start(
             features[remaining], explore, method=selection.cold_start, seed=seed + len(dataset)
         )
-        explored = remaining[picks]
+        explored = remaining[picks].astype(np.int64)
     return CycleResult(
         model=model, selected=np.concatenate([exploit, explored]), cold_start_picks=len(explored)
     )

@@ -125,6 +125,14 @@ class Promotion(StrEnum):
     RETIRED = "retired"  # was current, replaced or rolled back
 
 
+class LabelTaskState(StrEnum):
+    """A task in the labeling tool, as far as we know."""
+
+    PENDING = "pending"  # we intend to create it; not confirmed by the tool yet
+    OPEN = "open"  # the tool confirmed it (and gave its id)
+    ANSWERED = "answered"  # a review task whose answer was ingested (it stops being open)
+
+
 class DatasetVersionState(StrEnum):
     ALLOCATED = "allocated"  # number taken, manifest not yet written (a crash leaves this)
     COMMITTED = "committed"
@@ -183,6 +191,12 @@ class Item(SQLModel, table=True):
     n_annotators: int = Field(default=0, description="Annotators with a live answer.")
     disagreement: bool = Field(default=False, description="Live answers name >1 class.")
     registered_from: str = Field(max_length=2048, description="The pool source it came from.")
+    label_issue: str | None = Field(
+        default=None,
+        max_length=1000,
+        description="Why the last answer from a labeling tool was rejected (e.g. a label outside "
+        "the label set); cleared when an answer is accepted.",
+    )
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
@@ -345,3 +359,50 @@ class InboxEvent(SQLModel, table=True):
     received_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     processed_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     error: str | None = Field(default=None, max_length=4000)
+
+
+class LabelTask(SQLModel, table=True):
+    """A task in the labeling tool for one item: `label` (selected by a cycle) or `review` (a
+    labeled item the model confidently contradicts).
+
+    An item has at most one label task ever (re-selecting it reuses the task) and at most one
+    review task that is not answered; partial unique indexes enforce both, so a redelivered
+    hand-off cannot create a second one. `attempted_at` is set before the tool is asked to create
+    the task: a pending row with it set may exist in the tool already (an import that timed out)
+    and is reconciled by item id before anything is imported again.
+    """
+
+    __table_args__ = (
+        sa.Index(
+            "uq_label_task_per_item",
+            "project_id",
+            "item_id",
+            unique=True,
+            sqlite_where=sa.text("kind = 'label'"),
+            postgresql_where=sa.text("kind = 'label'"),
+        ),
+        sa.Index(
+            "uq_review_task_open_per_item",
+            "project_id",
+            "item_id",
+            unique=True,
+            sqlite_where=sa.text("kind = 'review' AND state != 'answered'"),
+            postgresql_where=sa.text("kind = 'review' AND state != 'answered'"),
+        ),
+        sa.UniqueConstraint("project_id", "external_task_id", name="uq_label_task_external"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    project_id: int = Field(foreign_key="project.id")
+    item_id: int = Field(foreign_key="item.id", index=True)
+    kind: str = Field(max_length=16, description="label | review")
+    state: str = Field(default=LabelTaskState.PENDING, max_length=16)
+    cycle_id: int | None = Field(default=None, description="The cycle that asked for it.")
+    external_task_id: int | None = Field(default=None, description="The tool's task id.")
+    model_version: str | None = Field(default=None, max_length=200)
+    prediction_label: str | None = Field(default=None, max_length=200)
+    prediction_score: float | None = Field(default=None, description="Probability; low = hard.")
+    note: str = Field(default="", max_length=1000, description="Shown to the annotator.")
+    attempted_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

@@ -6,9 +6,10 @@ another writer moved the row first, the update matches nothing and `Conflict` is
 of silently overwriting its change. Illegal changes raise `IllegalTransition`.
 """
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
@@ -26,6 +27,8 @@ from services.models import (
     Project,
     utcnow,
 )
+
+T = TypeVar("T")
 
 
 def _load_item(session: Session, item_id: int) -> Item:
@@ -68,8 +71,37 @@ def transition_items(
         raise Conflict(
             f"{len(ids) - moved} of {len(ids)} items were not {expected} any more; none moved"
         )
-    session.expire_all()
+    _expire_items(session)
     return moved
+
+
+def move_items_still_in(
+    session: Session, item_ids: Iterable[int], to: ItemStatus, *, expected: ItemStatus
+) -> int:
+    """Move those of `item_ids` still in `expected` to `to`; the others were moved by another
+    writer (e.g. an answer arrived first) and are left as they are. Returns how many moved."""
+    if to not in ITEM_TRANSITIONS[expected]:
+        raise IllegalTransition(kind="item", row_id=-1, current=expected, requested=to)
+    ids = sorted(set(item_ids))
+    moved = 0
+    for chunk in _chunks(ids):
+        result = session.execute(
+            sa.update(Item)
+            .where(col(Item.id).in_(chunk), col(Item.status) == expected)
+            .values(status=to, status_reason=None, updated_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        moved += result.rowcount  # type: ignore[attr-defined]
+    _expire_items(session)
+    return moved
+
+
+def _expire_items(session: Session) -> None:
+    """Forget loaded Item rows after a Core UPDATE changed them behind the ORM's back. Only
+    Items: expiring everything would make every other loaded row reload one by one."""
+    for instance in list(session.identity_map.values()):
+        if isinstance(instance, Item):
+            session.expire(instance)
 
 
 def transition_item(
@@ -106,116 +138,238 @@ def record_annotation(session: Session, answer: AnnotationInput) -> Annotation |
     event). Raises InvalidInput for a label outside the project's label set (nothing stored) and
     IllegalTransition for an unreadable item.
     """
-    item = _load_item(session, answer.item_id)
-    project = session.get(Project, item.project_id)
-    assert project is not None
-    if answer.cancelled:
-        if answer.label is not None:
-            raise InvalidInput("a cancelled answer carries no label")
-    elif answer.label not in project.labels:
-        raise InvalidInput(
-            f"label {answer.label!r} is not in project {project.name!r}'s label set "
-            f"{project.labels}; the answer was not stored"
+    return record_annotations(session, [answer])[0]
+
+
+def _chunks(values: Sequence[T], size: int = 5000) -> Iterator[Sequence[T]]:
+    # Bounded IN lists on every backend.
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def record_annotations(
+    session: Session, answers: Sequence[AnnotationInput]
+) -> list[Annotation | None]:
+    """`record_annotation` for many answers at once, in a fixed number of statements (what bulk
+    ingestion needs). Every answer is checked before anything is written: one bad answer raises
+    (as record_annotation would) and stores nothing. Returns, per answer, its new row or None
+    for a revision already stored (in the database or earlier in `answers`)."""
+    if not answers:
+        return []
+    item_ids = sorted({answer.item_id for answer in answers})
+    items: dict[int, tuple[int, str]] = {}
+    for chunk in _chunks(item_ids):
+        items.update(
+            (item_id, (project_id, status))
+            for item_id, project_id, status in session.execute(
+                sa.select(col(Item.id), col(Item.project_id), col(Item.status)).where(
+                    col(Item.id).in_(chunk)
+                )
+            )
         )
-    if item.status == ItemStatus.UNREADABLE:
-        raise IllegalTransition(
-            kind="item", row_id=answer.item_id, current=item.status, requested=ItemStatus.LABELED
+    labels = {
+        project.id: project
+        for project in session.exec(
+            select(Project).where(col(Project.id).in_({p for p, _ in items.values()}))
+        ).all()
+    }
+    for answer in answers:
+        if answer.item_id not in items:
+            raise NotFound(f"no item with id {answer.item_id}")
+        project_id, status = items[answer.item_id]
+        project = labels[project_id]
+        if answer.cancelled:
+            if answer.label is not None:
+                raise InvalidInput("a cancelled answer carries no label")
+        elif answer.label not in project.labels:
+            raise InvalidInput(
+                f"label {answer.label!r} is not in project {project.name!r}'s label set "
+                f"{project.labels}; the answer was not stored"
+            )
+        if status == ItemStatus.UNREADABLE:
+            raise IllegalTransition(
+                kind="item", row_id=answer.item_id, current=status, requested=ItemStatus.LABELED
+            )
+        if answer.updated_at.tzinfo is None:
+            raise InvalidInput("annotation times must be timezone-aware")
+    seen: set[tuple[int, str, str, datetime]] = set()
+    external_ids = sorted({answer.external_id for answer in answers})
+    for id_chunk in _chunks(external_ids):
+        seen.update(
+            (project_id, source, external_id, updated_at.astimezone(UTC))
+            for project_id, source, external_id, updated_at in session.execute(
+                sa.select(
+                    col(Annotation.project_id),
+                    col(Annotation.source),
+                    col(Annotation.external_id),
+                    col(Annotation.external_updated_at),
+                ).where(
+                    col(Annotation.project_id).in_(list(labels)),
+                    col(Annotation.external_id).in_(id_chunk),
+                )
+            )
         )
-    if answer.updated_at.tzinfo is None:
-        raise InvalidInput("annotation times must be timezone-aware")
-    duplicate = session.exec(
-        select(Annotation.id).where(
-            Annotation.project_id == item.project_id,
-            Annotation.source == answer.source,
-            Annotation.external_id == answer.external_id,
-            Annotation.external_updated_at == answer.updated_at,
+    rows: list[Annotation | None] = []
+    for answer in answers:
+        project_id = items[answer.item_id][0]
+        key = (project_id, answer.source, answer.external_id, answer.updated_at.astimezone(UTC))
+        if key in seen:
+            rows.append(None)
+            continue
+        seen.add(key)
+        rows.append(
+            Annotation(
+                project_id=project_id,
+                item_id=answer.item_id,
+                label=answer.label,
+                cancelled=answer.cancelled,
+                source=answer.source,
+                external_id=answer.external_id,
+                external_updated_at=answer.updated_at,
+                annotator=answer.annotator,
+            )
         )
-    ).first()
-    if duplicate is not None:
-        return None
-    row = Annotation(
-        project_id=item.project_id,
-        item_id=answer.item_id,
-        label=answer.label,
-        cancelled=answer.cancelled,
-        source=answer.source,
-        external_id=answer.external_id,
-        external_updated_at=answer.updated_at,
-        annotator=answer.annotator,
-    )
+    new = [row for row in rows if row is not None]
     try:
         with session.begin_nested():
-            session.add(row)
+            session.add_all(new)
     except sa.exc.IntegrityError:
-        return None  # a concurrent delivery of the same revision won the insert
-    refresh_label(session, item)
-    return row
+        # A concurrent delivery stored some of these revisions first: insert one by one and
+        # drop the ones that lost.
+        for position, row in enumerate(rows):
+            if row is None:
+                continue
+            fresh = Annotation(**row.model_dump(exclude={"id"}))
+            try:
+                with session.begin_nested():
+                    session.add(fresh)
+                rows[position] = fresh
+            except sa.exc.IntegrityError:
+                rows[position] = None
+    refresh_labels(session, [row.item_id for row in rows if row is not None])
+    return rows
 
 
 def withdraw_annotation(session: Session, *, project_id: int, source: str, external_id: str) -> int:
     """Mark every revision of an external annotation withdrawn (its label stops counting) and
     refresh the items' labels. Returns the revisions newly withdrawn (0 on a repeat)."""
-    rows = session.exec(
-        select(Annotation).where(
-            Annotation.project_id == project_id,
-            Annotation.source == source,
-            Annotation.external_id == external_id,
+    return withdraw_annotations(
+        session, project_id=project_id, source=source, external_ids=[external_id]
+    )
+
+
+def withdraw_annotations(
+    session: Session, *, project_id: int, source: str, external_ids: Sequence[str]
+) -> int:
+    """`withdraw_annotation` for many external ids in a fixed number of statements."""
+    item_ids: set[int] = set()
+    withdrawn = 0
+    now = utcnow()
+    for chunk in _chunks(sorted(set(external_ids))):
+        condition = sa.and_(
+            col(Annotation.project_id) == project_id,
+            col(Annotation.source) == source,
+            col(Annotation.external_id).in_(chunk),
             col(Annotation.withdrawn_at).is_(None),
         )
-    ).all()
-    now = utcnow()
-    for row in rows:
-        row.withdrawn_at = now
-        session.add(row)
-    session.flush()
-    for item_id in {row.item_id for row in rows}:
-        refresh_label(session, _load_item(session, item_id))
-    return len(rows)
+        item_ids.update(
+            item_id
+            for (item_id,) in session.execute(sa.select(col(Annotation.item_id)).where(condition))
+        )
+        result = session.execute(
+            sa.update(Annotation)
+            .where(condition)
+            .values(withdrawn_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        withdrawn += result.rowcount  # type: ignore[attr-defined]
+    refresh_labels(session, sorted(item_ids))
+    return withdrawn
 
 
 def live_answers(session: Session, item_id: int) -> list[Annotation]:
     """The newest revision of each annotation of an item, withdrawn ones left out, oldest
     first."""
-    rows = session.exec(
-        select(Annotation)
-        .where(Annotation.item_id == item_id, col(Annotation.withdrawn_at).is_(None))
-        .order_by(col(Annotation.external_updated_at), col(Annotation.id))
-    ).all()
-    newest: dict[tuple[str, str], Annotation] = {}
-    for row in rows:
-        newest[(row.source, row.external_id)] = row
-    return sorted(newest.values(), key=lambda r: (r.external_updated_at, r.id or 0))
+    return _live_answers(session, [item_id]).get(item_id, [])
+
+
+def _live_answers(session: Session, item_ids: Sequence[int]) -> dict[int, list[Annotation]]:
+    newest: dict[tuple[int, str, str], Annotation] = {}
+    for chunk in _chunks(sorted(set(item_ids))):
+        for row in session.exec(
+            select(Annotation)
+            .where(col(Annotation.item_id).in_(chunk), col(Annotation.withdrawn_at).is_(None))
+            .order_by(col(Annotation.external_updated_at), col(Annotation.id))
+        ).all():
+            newest[(row.item_id, row.source, row.external_id)] = row  # later rows are newer
+    grouped: dict[int, list[Annotation]] = {}
+    for row in newest.values():
+        grouped.setdefault(row.item_id, []).append(row)
+    return {
+        item_id: sorted(rows, key=lambda r: (r.external_updated_at, r.id or 0))
+        for item_id, rows in grouped.items()
+    }
 
 
 def refresh_label(session: Session, item: Item) -> Item:
-    """Derive an item's label from its annotations: the newest live, non-cancelled answer.
+    """Derive an item's label from its annotations (see refresh_labels)."""
+    refresh_labels(session, [item.id or 0])
+    session.refresh(item)
+    return item
+
+
+def refresh_labels(session: Session, item_ids: Sequence[int]) -> None:
+    """Derive items' labels from their annotations: the newest live, non-cancelled answer.
 
     Also records how many annotators have a live answer and whether they disagree. Status
     follows: an item with a label becomes labeled; one whose labels were all withdrawn returns
-    to unlabeled; cancelled answers alone change nothing.
+    to unlabeled; cancelled answers alone change nothing. A fixed number of statements for any
+    number of items.
     """
-    answers = [row for row in live_answers(session, item.id or 0) if not row.cancelled]
-    per_annotator: dict[str, str] = {}
-    for row in answers:
-        assert row.label is not None
-        per_annotator[row.annotator] = row.label  # later rows are newer
-    current = answers[-1] if answers else None
-    status = ItemStatus(item.status)
-    if current is not None and status != ItemStatus.LABELED:
-        transition_item(session, item.id or 0, ItemStatus.LABELED)
-    elif current is None and status in (ItemStatus.LABELED, ItemStatus.IN_REVIEW):
-        transition_item(session, item.id or 0, ItemStatus.UNLABELED, reason="label withdrawn")
-    session.refresh(item)
-    item.label = current.label if current else None
-    item.label_source = current.source if current else None
-    item.annotator = current.annotator if current else None
-    item.labeled_at = current.external_updated_at if current else None
-    item.n_annotators = len(per_annotator)
-    item.disagreement = len(set(per_annotator.values())) > 1
-    item.updated_at = utcnow()
-    session.add(item)
+    ids = sorted(set(item_ids))
+    if not ids:
+        return
     session.flush()
-    return item
+    statuses: dict[int, ItemStatus] = {}
+    for chunk in _chunks(ids):
+        statuses.update(
+            (item_id, ItemStatus(status))
+            for item_id, status in session.execute(
+                sa.select(col(Item.id), col(Item.status)).where(col(Item.id).in_(chunk))
+            )
+        )
+    answers_by_item = _live_answers(session, ids)
+    moves: dict[tuple[ItemStatus, ItemStatus, str | None], list[int]] = {}
+    values: list[dict[str, Any]] = []
+    now = utcnow()
+    for item_id in ids:
+        answers = [row for row in answers_by_item.get(item_id, []) if not row.cancelled]
+        per_annotator: dict[str, str] = {}
+        for row in answers:
+            assert row.label is not None
+            per_annotator[row.annotator] = row.label  # later rows are newer
+        current = answers[-1] if answers else None
+        status = statuses[item_id]
+        if current is not None and status != ItemStatus.LABELED:
+            moves.setdefault((status, ItemStatus.LABELED, None), []).append(item_id)
+        elif current is None and status in (ItemStatus.LABELED, ItemStatus.IN_REVIEW):
+            moves.setdefault((status, ItemStatus.UNLABELED, "label withdrawn"), []).append(item_id)
+        values.append(
+            {
+                "id": item_id,
+                "label": current.label if current else None,
+                "label_source": current.source if current else None,
+                "annotator": current.annotator if current else None,
+                "labeled_at": current.external_updated_at if current else None,
+                "n_annotators": len(per_annotator),
+                "disagreement": len(set(per_annotator.values())) > 1,
+                "updated_at": now,
+            }
+        )
+    for (expected, to, reason), moved in moves.items():
+        transition_items(session, moved, to, expected=expected, reason=reason)
+    session.execute(sa.update(Item), values)  # bulk UPDATE by primary key
+    _expire_items(session)
 
 
 def transition_cycle(

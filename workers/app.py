@@ -43,6 +43,10 @@ def create_app(settings: Settings) -> Celery:
                 "task": "focalloop.maybe_start_cycles",
                 "schedule": timedelta(seconds=settings.schedule_interval_s),
             },
+            "sync-label-studio": {
+                "task": "focalloop.sync_label_studio",
+                "schedule": timedelta(seconds=settings.label_studio_sync_interval_s),
+            },
             "recover-stalled": {
                 "task": "focalloop.recover_stalled",
                 "schedule": timedelta(seconds=settings.recover_interval_s),

@@ -16,11 +16,11 @@ from typing import Any, ParamSpec, Protocol, cast
 import sqlalchemy as sa
 from celery.signals import worker_process_init
 
-from services import cycles
+from services import cycles, labelstudio
 from services.config import Settings, get_settings
 from services.datasets.snapshot import snapshot as commit_snapshot
 from services.db import engine_from_settings, session_scope
-from services.errors import TransientError
+from services.errors import FocalloopError, TransientError
 from services.projects import get_project
 from workers.app import app
 
@@ -142,6 +142,26 @@ def maybe_start_cycles() -> None:
     """Beat: give every project the chance to start a cycle."""
     for cycle in cycles.start_due_cycles(engine(), settings()):
         train.delay(cycle.id or 0)
+
+
+@task("focalloop.sync_label_studio")
+def sync_label_studio() -> None:
+    """Beat: for every Label Studio project, create tasks a hand-off left pending (Label Studio
+    was down, or the pusher died) and reconcile its answers (what webhooks missed, deletions
+    included). One project's failure is logged and does not stop the others."""
+    with session_scope(engine()) as session:
+        names = labelstudio.connected_projects(session)
+    for name in names:
+        try:
+            pushed = labelstudio.push_pending(engine(), name, settings())
+            if pushed.created or pushed.adopted:
+                log.info("pushed %s's pending tasks to Label Studio: %s", name, pushed)
+            report = labelstudio.sync_annotations(engine(), name, settings())
+        except FocalloopError:
+            log.exception("sync of %s with Label Studio failed", name)
+            continue
+        if report.new_revisions or report.withdrawn:
+            log.info("synced %s with Label Studio: %s", name, report)
 
 
 @task("focalloop.recover_stalled")

@@ -32,6 +32,7 @@ import redis
 import sqlalchemy as sa
 import torch
 from celery import Celery
+from numpy.typing import NDArray
 from sqlmodel import col, select
 
 from services import cycles, db
@@ -87,7 +88,11 @@ def _free_port() -> int:
 
 
 def _register(
-    engine: sa.Engine, settings: Settings, folder: Path, features: np.ndarray, chunk_size: int
+    engine: sa.Engine,
+    settings: Settings,
+    folder: Path,
+    features: NDArray[np.float32],
+    chunk_size: int,
 ) -> str:
     name = f"bench-score-{chunk_size}"
     np.savez(folder / f"pool-{chunk_size}.npz", features=features)
@@ -304,7 +309,7 @@ def _bench_size(
     settings: Settings,
     sender: Any,
     name: str,
-    features: np.ndarray,
+    features: NDArray[np.float32],
     spec: ModelSpec,
     size: int,
     repeats: int,

@@ -76,7 +76,10 @@ class Candidates:
 
     def ranking(self) -> NDArray[np.int64]:
         """Positions ordered by score descending, then item id ascending."""
-        return np.lexsort((self.item_ids, -self.scores.astype(np.float64))).astype(np.int64)
+        order: NDArray[np.int64] = np.lexsort(
+            (self.item_ids, -self.scores.astype(np.float64))
+        ).astype(np.int64)
+        return order
 
 
 def top_positions(candidates: Candidates, k: int) -> NDArray[np.int64]:

@@ -5,10 +5,12 @@ import io
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from numpy.typing import NDArray
 from PIL import Image
 from sqlmodel import Session, select
 
@@ -24,7 +26,7 @@ from tests.conftest import Digits
 from tests.integration.conftest import unique_name
 
 
-def png(pixels: np.ndarray) -> bytes:
+def png(pixels: NDArray[Any]) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()

@@ -1,7 +1,10 @@
 """The cycle's plain functions and the simulated annotator, on small real data."""
 
+from typing import Any
+
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from labeling.simulated import SimulatedAnnotator
 from services.errors import InvalidInput
@@ -27,12 +30,12 @@ FAST = LoopConfig(train=TrainConfig(max_epochs=15, patience=5, threads=1), batch
 
 def cycle_on(
     digits: Digits,
-    labeled_ids: np.ndarray,
+    labeled_ids: NDArray[Any],
     pool_size: int,
     *,
     config: LoopConfig = FAST,
     seed: int = 0,
-) -> tuple[CycleResult, np.ndarray]:
+) -> tuple[CycleResult, NDArray[Any]]:
     """One cycle over the first `pool_size` digits with `labeled_ids` labeled truthfully;
     returns the result and the unlabeled ids it chose from."""
     dataset = ingest(LabeledSet.empty(), labeled_ids, digits.labels[labeled_ids])

@@ -1,8 +1,10 @@
 import math
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from numpy.typing import NDArray
 
 from services.ml.calibration import calibrated_probs, fit_temperature
 from services.ml.metrics import evaluate, expected_calibration_error, pool_hard_example_rate
@@ -68,7 +70,9 @@ def test_pool_hard_example_rate_uses_the_top_probability() -> None:
         (np.empty((0, 3)), np.empty(0, dtype=int), "probs must be"),
     ],
 )
-def test_invalid_inputs_are_refused(probs: np.ndarray, targets: np.ndarray, message: str) -> None:
+def test_invalid_inputs_are_refused(
+    probs: NDArray[Any], targets: NDArray[Any], message: str
+) -> None:
     with pytest.raises(ValueError, match=message):
         evaluate(probs, targets)
 

@@ -8,9 +8,11 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 from scipy import stats
 
 from services.demo import digits_with_rare_class
@@ -86,7 +88,7 @@ def test_random_baselines_are_added_once_per_loss() -> None:
     ]
 
 
-def _npz(path: Path, **arrays: np.ndarray) -> Path:
+def _npz(path: Path, **arrays: NDArray[Any]) -> Path:
     np.savez(path, **arrays)  # type: ignore[arg-type]
     return path
 
@@ -105,7 +107,9 @@ def _npz(path: Path, **arrays: np.ndarray) -> Path:
         ),
     ],
 )
-def test_bad_files_are_refused(tmp_path: Path, arrays: dict[str, np.ndarray], message: str) -> None:
+def test_bad_files_are_refused(
+    tmp_path: Path, arrays: dict[str, NDArray[Any]], message: str
+) -> None:
     with pytest.raises(InvalidInput, match=re.escape(message)):
         load_dataset(_npz(tmp_path / "data.npz", **arrays))
 

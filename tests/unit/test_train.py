@@ -1,8 +1,10 @@
 import copy
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from numpy.typing import NDArray
 
 from services.errors import NonFiniteLossError
 from services.ml.losses import class_priors, prior_bias
@@ -141,7 +143,7 @@ def test_cnn_trains_on_images(digits: Digits) -> None:
         (np.zeros(49, dtype=np.int64), "need items"),
     ],
 )
-def test_bad_labels_are_refused(digits: Digits, labels: np.ndarray, message: str) -> None:
+def test_bad_labels_are_refused(digits: Digits, labels: NDArray[Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         train(
             items=digits.features[:50],

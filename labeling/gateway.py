@@ -1,0 +1,293 @@
+"""The Label Studio gateway: the only code that talks to Label Studio (SDK 2.x `LabelStudio`).
+
+Everything here is a thin, typed call with errors sorted into the project's kinds: a timeout,
+a connection failure or a 5xx/429 is `TransientError` (Celery retries the task); any other 4xx
+is `InvalidInput` carrying Label Studio's own message (a bad label config, a missing project).
+
+The SDK's own retries are switched off for calls that create things: if an import timed out
+after Label Studio stored the tasks, a blind retry would store them twice. The caller
+reconciles by item id instead (services.labelstudio).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+from label_studio_sdk import LabelStudio
+from label_studio_sdk.core.api_error import ApiError
+from label_studio_sdk.core.request_options import RequestOptions
+
+from labeling.payloads import CHOICES_NAME, TaskKind, object_name, task_item
+from services.errors import InvalidInput, TransientError
+
+T = TypeVar("T")
+WEBHOOK_ACTIONS = (
+    "ANNOTATION_CREATED",
+    "ANNOTATION_UPDATED",
+    "ANNOTATIONS_CREATED",
+    "ANNOTATIONS_DELETED",
+)
+SECRET_HEADER = "X-Focalloop-Secret"
+HARDEST_FIRST_VIEW = "Hardest first (focalloop)"
+LIST_PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class RemoteTask:
+    """A task as listed from Label Studio: its id, our item id and kind (None for tasks we did
+    not create), and its annotations as Label Studio returns them."""
+
+    task_id: int
+    item_id: int | None
+    kind: TaskKind
+    annotations: list[dict[str, Any]]
+    raw: dict[str, Any]
+
+
+def _call(function: Callable[[], T], what: str) -> T:
+    try:
+        return function()
+    except ApiError as error:
+        status = error.status_code or 0
+        body = error.body if isinstance(error.body, (dict, list)) else str(error.body)[:300]
+        message = f"Label Studio refused to {what}: HTTP {status}: {body}"
+        if status >= 500 or status in (408, 429):
+            raise TransientError(message) from None
+        raise InvalidInput(message) from None
+    except httpx.HTTPError as error:
+        raise TransientError(
+            f"Label Studio unreachable while trying to {what}: {type(error).__name__}: {error}"
+        ) from None
+
+
+class LabelStudioGateway:
+    """One Label Studio server, as one user (its API token)."""
+
+    def __init__(self, url: str, token: str, *, timeout_s: float = 60.0) -> None:
+        self.url = url.rstrip("/")
+        self._client = LabelStudio(  # type: ignore[no-untyped-call]
+            base_url=self.url, api_key=token, timeout=timeout_s
+        )
+        self._once: RequestOptions = {"max_retries": 0}
+
+    # ------------------------------------------------------------------------------ projects
+
+    def whoami(self) -> str:
+        """The token's user (email); proves the URL and token work."""
+        user = _call(lambda: self._client.users.whoami(), "identify the token's user")
+        return str(user.email or user.username or user.id)
+
+    def create_project(self, *, title: str, label_config: str, description: str) -> int:
+        """A new Label Studio project; Label Studio validates the label config (InvalidInput
+        with its message when it refuses)."""
+        project = _call(
+            lambda: self._client.projects.create(
+                title=title,
+                label_config=label_config,
+                description=description,
+                show_collab_predictions=True,
+                request_options=self._once,
+            ),
+            "create a project",
+        )
+        assert project.id is not None
+        return int(project.id)
+
+    def project_exists(self, project_id: int) -> bool:
+        try:
+            _call(lambda: self._client.projects.get(id=project_id), "read the project")
+        except InvalidInput:
+            return False
+        return True
+
+    def set_label_config(self, project_id: int, label_config: str) -> None:
+        _call(
+            lambda: self._client.projects.update(id=project_id, label_config=label_config),
+            "update the label config",
+        )
+
+    def set_model_version(self, project_id: int, model_version: str) -> None:
+        """The project's current model version (the one its predictions are shown from)."""
+        _call(
+            lambda: self._client.projects.update(id=project_id, model_version=model_version),
+            "set the project's model version",
+        )
+
+    def model_version(self, project_id: int) -> str:
+        project = _call(lambda: self._client.projects.get(id=project_id), "read the project")
+        return str(project.model_version or "")
+
+    def ensure_webhook(self, project_id: int, *, url: str, secret: str) -> int:
+        """The project's webhook to `url` with our secret header: an existing one for the same
+        URL is updated in place (never a second one: Label Studio would deliver twice)."""
+        existing = _call(
+            lambda: self._client.webhooks.list(project=str(project_id)), "list webhooks"
+        )
+        headers = {SECRET_HEADER: secret}
+        same_url = [int(hook.id) for hook in existing if hook.url == url and hook.id is not None]
+        if same_url:
+            hook_id = same_url[0]
+            _call(
+                lambda: self._client.webhooks.update(
+                    id=hook_id,
+                    url=url,
+                    headers=headers,
+                    send_payload=True,
+                    send_for_all_actions=False,
+                    actions=list(WEBHOOK_ACTIONS),
+                    is_active=True,
+                ),
+                "update the webhook",
+            )
+            return hook_id
+        hook = _call(
+            lambda: self._client.webhooks.create(
+                url=url,
+                project=project_id,
+                headers=headers,
+                send_payload=True,
+                send_for_all_actions=False,
+                actions=list(WEBHOOK_ACTIONS),
+                request_options=self._once,
+            ),
+            "register the webhook",
+        )
+        assert hook.id is not None
+        return int(hook.id)
+
+    def webhooks(self, project_id: int) -> list[dict[str, Any]]:
+        hooks = _call(lambda: self._client.webhooks.list(project=str(project_id)), "list webhooks")
+        return [hook.model_dump() for hook in hooks]
+
+    def ensure_hardest_first_view(self, project_id: int) -> int:
+        """A saved Data Manager tab ordering tasks by prediction score, ascending: the least
+        confident prediction, i.e. the hardest item, first."""
+        views = _call(lambda: self._client.views.list(project=project_id), "list views")
+        for view in views:
+            data = view.data or {}
+            if isinstance(data, Mapping) and data.get("title") == HARDEST_FIRST_VIEW:
+                return int(view.id)
+        view = _call(
+            lambda: self._client.views.create(
+                project=project_id,
+                data={
+                    "title": HARDEST_FIRST_VIEW,
+                    "ordering": ["tasks:predictions_score"],
+                },
+                request_options=self._once,
+            ),
+            "create the hardest-first view",
+        )
+        return int(view.id)
+
+    def views(self, project_id: int) -> list[dict[str, Any]]:
+        views = _call(lambda: self._client.views.list(project=project_id), "list views")
+        return [view.model_dump() for view in views]
+
+    # --------------------------------------------------------------------------------- tasks
+
+    def list_tasks(self, project_id: int) -> Iterator[RemoteTask]:
+        """Every task of the project with its annotations, page by page."""
+        pager: Any = _call(
+            lambda: self._client.tasks.list(
+                project=project_id, fields="all", page_size=LIST_PAGE_SIZE
+            ),
+            "list tasks",
+        )
+        iterator = iter(pager)
+        while True:
+            task = _call(lambda: next(iterator, None), "list tasks")
+            if task is None:
+                return
+            raw = task.model_dump(mode="json")
+            item_id, kind = task_item(raw)
+            annotations = [a for a in raw.get("annotations") or [] if isinstance(a, dict)]
+            yield RemoteTask(int(raw["id"]), item_id, kind, annotations, raw)
+
+    def import_tasks(self, project_id: int, payloads: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Create tasks (with their predictions) in one request; their ids, in payload order.
+        Not retried here: see the module note."""
+        response = _call(
+            lambda: self._client.projects.import_tasks(
+                id=project_id,
+                request=list(payloads),  # type: ignore[arg-type]
+                return_task_ids=True,
+                request_options=self._once,
+            ),
+            "import tasks",
+        )
+        # The import answer's model does not declare task_ids; the server sends them when asked.
+        ids = [int(task_id) for task_id in getattr(response, "task_ids", None) or []]
+        if len(ids) != len(payloads):
+            raise TransientError(
+                f"Label Studio confirmed {len(ids)} of {len(payloads)} imported tasks"
+            )
+        return ids
+
+    def replace_predictions(
+        self, project_id: int, predictions: Sequence[tuple[int, Mapping[str, Any]]]
+    ) -> None:
+        """Give each task (task id, prediction payload) exactly this prediction: the tasks'
+        older predictions are deleted first, so an older model's score never orders them."""
+        if not predictions:
+            return
+        task_ids = [task_id for task_id, _ in predictions]
+        _call(
+            lambda: self._client.actions.create(
+                id="delete_tasks_predictions",
+                project=project_id,
+                selected_items={"all": False, "included": task_ids},
+            ),
+            "delete old predictions",
+        )
+        _call(
+            lambda: self._client.projects.import_predictions(
+                id=project_id,
+                request=[{**p, "task": task_id} for task_id, p in predictions],  # type: ignore[misc]
+                request_options=self._once,
+            ),
+            "import predictions",
+        )
+
+    def task(self, task_id: int) -> dict[str, Any]:
+        task = _call(lambda: self._client.tasks.get(id=str(task_id)), "read a task")
+        return task.model_dump(mode="json")
+
+    # ------------------------------------------------------- answering (what an annotator does)
+
+    def annotate(
+        self, task_id: int, label: str | None, *, modality: str, cancelled: bool = False
+    ) -> int:
+        """Answer a task as the token's user would in the browser: one choice, or a skip."""
+        result = [] if cancelled else [_choice(label, modality)]
+        annotation = _call(
+            lambda: self._client.annotations.create(
+                id=task_id, result=result, was_cancelled=cancelled, request_options=self._once
+            ),
+            "create an annotation",
+        )
+        assert annotation.id is not None
+        return int(annotation.id)
+
+    def change_annotation(self, annotation_id: int, label: str, *, modality: str) -> None:
+        _call(
+            lambda: self._client.annotations.update(
+                id=annotation_id, result=[_choice(label, modality)]
+            ),
+            "update an annotation",
+        )
+
+    def delete_annotation(self, annotation_id: int) -> None:
+        _call(lambda: self._client.annotations.delete(id=annotation_id), "delete an annotation")
+
+
+def _choice(label: str | None, modality: str) -> dict[str, Any]:
+    return {
+        "from_name": CHOICES_NAME,
+        "to_name": object_name(modality),
+        "type": "choices",
+        "value": {"choices": [label]},
+    }

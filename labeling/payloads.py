@@ -1,0 +1,244 @@
+"""What goes to Label Studio and what comes back, as plain data (no SDK, no network).
+
+Tasks carry our item id in `data.focalloop_item`, so every annotation, webhook and listing can be
+traced back to an item without a lookup table on Label Studio's side. Two kinds of task exist:
+`label` (an item the loop selected) and `review` (a labeled item the model confidently
+contradicts); both use the same labeling interface, and a review task shows the current label
+and the model's suggestion in its note.
+"""
+
+from __future__ import annotations
+
+import math
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from services.errors import InvalidInput
+
+TaskKind = Literal["label", "review"]
+TASK_KINDS: tuple[TaskKind, ...] = ("label", "review")
+# The names in the labeling interface; annotations are parsed by these.
+CHOICES_NAME = "label"
+ITEM_KEY = "focalloop_item"
+KIND_KEY = "focalloop_kind"
+NOTE_KEY = "focalloop_note"
+EXTERNAL_ID_KEY = "focalloop_external_id"
+# How many feature values a features task shows (a wider row is cut, and says so).
+MAX_SHOWN_FEATURES = 64
+
+
+def object_name(modality: str) -> str:
+    """The labeling interface's object tag name (also the task data key) for a modality."""
+    if modality == "image":
+        return "image"
+    if modality == "features":
+        return "features"
+    raise InvalidInput(f"no labeling interface for modality {modality!r}")
+
+
+def label_config(labels: Sequence[str], modality: str) -> str:
+    """The Label Studio labeling interface (XML) for single-choice classification.
+
+    Images are shown with zoom; a feature row as a two-column table (name, value). The note
+    header carries a review task's context and is empty on ordinary tasks.
+    """
+    if len(labels) < 2:
+        raise InvalidInput("a labeling interface needs at least two labels")
+    target = object_name(modality)
+    view = ET.Element("View")
+    ET.SubElement(view, "Header", {"value": f"${NOTE_KEY}"})
+    if modality == "image":
+        ET.SubElement(view, "Image", {"name": target, "value": f"${target}", "zoom": "true"})
+    else:
+        ET.SubElement(view, "Table", {"name": target, "value": f"${target}"})
+    choices = ET.SubElement(
+        view,
+        "Choices",
+        {
+            "name": CHOICES_NAME,
+            "toName": target,
+            "choice": "single-radio",
+            "showInline": "true",
+            "required": "true",
+        },
+    )
+    for label in labels:
+        # ElementTree escapes quotes, ampersands and angle brackets in attribute values.
+        ET.SubElement(choices, "Choice", {"value": label})
+    return ET.tostring(view, encoding="unicode")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task to create.
+
+    media: the image URL (image projects) or the feature row as {name: value} (features).
+    prediction: (label, score) where score is the model's probability of that label, so
+    ascending score = least confident = hardest; None when there is no model yet.
+    """
+
+    item_id: int
+    external_id: str
+    kind: TaskKind
+    media: str | Mapping[str, str]
+    note: str = ""
+    prediction: tuple[str, float] | None = None
+    model_version: str | None = None
+
+
+def task_payload(spec: TaskSpec, modality: str) -> dict[str, Any]:
+    """The import payload of one task: data (with our ids) and at most one prediction."""
+    target = object_name(modality)
+    if modality == "image" and not isinstance(spec.media, str):
+        raise InvalidInput("an image task needs an image URL")
+    if modality == "features" and isinstance(spec.media, str):
+        raise InvalidInput("a features task needs the feature row")
+    payload: dict[str, Any] = {
+        "data": {
+            target: spec.media,
+            ITEM_KEY: spec.item_id,
+            EXTERNAL_ID_KEY: spec.external_id,
+            KIND_KEY: spec.kind,
+            NOTE_KEY: spec.note,
+        }
+    }
+    if spec.prediction is not None:
+        if spec.model_version is None:
+            raise InvalidInput("a prediction needs its model version")
+        payload["predictions"] = [
+            prediction_payload(spec.prediction, spec.model_version, modality=modality)
+        ]
+    return payload
+
+
+def prediction_payload(
+    prediction: tuple[str, float], model_version: str, *, modality: str
+) -> dict[str, Any]:
+    label, score = prediction
+    if not math.isfinite(score):
+        raise InvalidInput(f"prediction score must be finite, got {score}")
+    return {
+        "model_version": model_version,
+        "score": float(score),
+        "result": [
+            {
+                "from_name": CHOICES_NAME,
+                "to_name": object_name(modality),
+                "type": "choices",
+                "value": {"choices": [label]},
+            }
+        ],
+    }
+
+
+def feature_row(values: Sequence[float]) -> dict[str, str]:
+    """A feature vector as the table a features task shows: f0, f1, ... (4 significant digits),
+    cut to MAX_SHOWN_FEATURES with the number left out named."""
+    row = {f"f{i}": f"{float(v):.4g}" for i, v in enumerate(values[:MAX_SHOWN_FEATURES])}
+    if len(values) > MAX_SHOWN_FEATURES:
+        row["..."] = f"{len(values) - MAX_SHOWN_FEATURES} more values not shown"
+    return row
+
+
+@dataclass(frozen=True)
+class ParsedAnnotation:
+    """One Label Studio annotation, reduced to what the loop stores.
+
+    label is None for a cancelled (skipped) annotation. error names why the annotation cannot
+    give a label (no choice, several choices); the label it named, if any, is kept for the
+    report.
+    """
+
+    annotation_id: int
+    task_id: int
+    item_id: int | None
+    kind: TaskKind
+    label: str | None
+    cancelled: bool
+    updated_at: datetime
+    annotator: str
+    error: str | None = None
+
+
+def parse_time(value: object) -> datetime:
+    """Label Studio's ISO timestamps ('...Z' or with an offset) as aware UTC."""
+    if not isinstance(value, str) or not value:
+        raise InvalidInput(f"expected an ISO timestamp, got {value!r}")
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as error:
+        raise InvalidInput(f"bad timestamp {value!r}: {error}") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)  # Label Studio's server time is UTC
+    return parsed.astimezone(UTC)
+
+
+def annotator_name(completed_by: object) -> str:
+    """Who answered, as a stable name: Label Studio's user id (webhooks send the id, listings may
+    send the user object)."""
+    if isinstance(completed_by, Mapping):
+        completed_by = completed_by.get("id")
+    if isinstance(completed_by, int) and not isinstance(completed_by, bool):
+        return f"label-studio-user-{completed_by}"
+    return "label-studio-user-unknown"
+
+
+def task_item(task: Mapping[str, Any]) -> tuple[int | None, TaskKind]:
+    """Our item id and task kind from a task's data; (None, 'label') for a task we did not
+    create."""
+    data = task.get("data") or {}
+    raw = data.get(ITEM_KEY) if isinstance(data, Mapping) else None
+    kind = data.get(KIND_KEY, "label") if isinstance(data, Mapping) else "label"
+    item_id = raw if isinstance(raw, int) and not isinstance(raw, bool) else None
+    return item_id, "review" if kind == "review" else "label"
+
+
+def parse_annotation(
+    annotation: Mapping[str, Any], task: Mapping[str, Any] | None = None
+) -> ParsedAnnotation:
+    """Reduce an annotation (as a webhook or a task listing carries it) to a ParsedAnnotation.
+
+    `task` is the annotation's task when the payload carries it separately (webhooks); listings
+    nest annotations under their task and pass it too. Raises InvalidInput when the annotation
+    has no id, task or timestamp.
+    """
+    annotation_id = annotation.get("id")
+    if not isinstance(annotation_id, int):
+        raise InvalidInput("annotation without an integer id")
+    task = task if task is not None else {}
+    raw_task_id = task.get("id", annotation.get("task"))
+    if not isinstance(raw_task_id, int):
+        raise InvalidInput(f"annotation {annotation_id} names no task")
+    item_id, kind = task_item(task)
+    updated_at = parse_time(annotation.get("updated_at") or annotation.get("created_at"))
+    cancelled = bool(annotation.get("was_cancelled", False))
+    common = {
+        "annotation_id": annotation_id,
+        "task_id": raw_task_id,
+        "item_id": item_id,
+        "kind": kind,
+        "updated_at": updated_at,
+        "annotator": annotator_name(annotation.get("completed_by")),
+    }
+    if cancelled:
+        return ParsedAnnotation(label=None, cancelled=True, **common)  # type: ignore[arg-type]
+    chosen: list[str] = []
+    for region in annotation.get("result") or []:
+        if (
+            isinstance(region, Mapping)
+            and region.get("from_name") == CHOICES_NAME
+            and region.get("type") == "choices"
+        ):
+            value = region.get("value") or {}
+            chosen.extend(str(choice) for choice in value.get("choices") or [])
+    if len(chosen) == 1:
+        return ParsedAnnotation(label=chosen[0], cancelled=False, **common)  # type: ignore[arg-type]
+    error = (
+        "the annotation chose no label"
+        if not chosen
+        else f"the annotation chose {len(chosen)} labels {chosen}; exactly one is needed"
+    )
+    return ParsedAnnotation(label=None, cancelled=False, error=error, **common)  # type: ignore[arg-type]

@@ -1,0 +1,219 @@
+"""The FastAPI application factory and the routes of the labeling round trip: liveness, Label
+Studio's webhook, and the signed media links tasks carry.
+
+The webhook only stores and enqueues: Label Studio waits about a second for an answer and never
+retries, so the work (parsing, checking labels, updating items) happens in the `ingest` task,
+and an event whose message was lost is picked up by `recover_stalled` from the inbox table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import mimetypes
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+import sqlalchemy as sa
+from fastapi import FastAPI, Header, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from services import labelstudio
+from services.config import Settings
+from services.datasets.pool import SourceReader, locate
+from services.datasets.store import sha256_hex
+from services.db import engine_from_settings, session_scope
+from services.errors import InvalidInput, NotFound
+from services.models import Item, Project
+
+log = logging.getLogger(__name__)
+INGEST_TASK = "focalloop.ingest"
+
+
+class Health(BaseModel):
+    status: str
+
+
+class WebhookAnswer(BaseModel):
+    """outcome: stored (new event, ingest enqueued) | duplicate (already stored: nothing done)
+    | ignored (an action focalloop does not use)."""
+
+    outcome: str
+    event_id: int | None = None
+
+
+class IngestDoorbell:
+    """Enqueues `ingest` for stored events: at most one message per `interval_s`, sent after
+    the events it covers were committed. `ingest` drains every pending Label Studio event, so
+    one message per burst is enough; a message that cannot be sent (broker down) leaves the
+    events pending, and `recover_stalled` enqueues them."""
+
+    def __init__(self, send: Callable[[list[int]], None], interval_s: float = 0.05) -> None:
+        self._send = send
+        self._interval_s = interval_s
+        self._pending: list[int] = []
+        self._scheduled = False
+
+    def ring(self, event_id: int) -> None:
+        self._pending.append(event_id)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_later(self._interval_s, self._flush)
+
+    def _flush(self) -> None:
+        ids, self._pending, self._scheduled = self._pending, [], False
+        if ids:
+            asyncio.get_running_loop().run_in_executor(None, self._deliver, ids)
+
+    def _deliver(self, ids: list[int]) -> None:
+        try:
+            self._send(ids)
+        except Exception:
+            # The events are stored; recover_stalled finds unprocessed ones and enqueues them.
+            log.warning("could not enqueue ingest of %d events; recovery will", len(ids))
+
+    def close(self) -> None:
+        ids, self._pending = self._pending, []
+        if ids:
+            self._deliver(ids)
+
+
+async def _read_capped(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"body larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise HTTPException(413, f"body larger than {limit} bytes")
+    return bytes(body)
+
+
+def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> FastAPI:
+    """The API for `settings`. `engine` lets tests and benchmarks share one."""
+    from workers.app import create_app as create_celery  # the API only sends tasks
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        app.state.doorbell.close()
+        if engine is None:
+            app.state.engine.dispose()
+
+    app = FastAPI(
+        title="focalloop",
+        version="0.1.0",
+        description="Active-learning labeling loop: status, steering and Label Studio webhooks.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine if engine is not None else engine_from_settings(settings)
+    celery = create_celery(settings)
+    app.state.doorbell = IngestDoorbell(
+        lambda ids: celery.send_task(INGEST_TASK, args=[ids], queue="io", retry=False)
+    )
+    project_ids: dict[str, int] = {}  # webhook URL name -> id (projects are never renamed)
+
+    @app.get("/api/v1/health", response_model=Health, tags=["operations"])
+    def health() -> Health:
+        """Liveness: the process answers (no dependency is checked, no auth)."""
+        return Health(status="ok")
+
+    @app.post(
+        "/api/v1/webhooks/label-studio",
+        response_model=WebhookAnswer,
+        tags=["labeling"],
+        responses={401: {"description": "missing or wrong secret header"}},
+    )
+    async def label_studio_webhook(
+        request: Request,
+        project: Annotated[str, Query(min_length=3, max_length=40)],
+        x_focalloop_secret: Annotated[str | None, Header()] = None,
+    ) -> WebhookAnswer:
+        """Store a Label Studio event (annotation created/updated/deleted) and enqueue its
+        ingestion. The secret header is compared in constant time before the body is read."""
+        expected = settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""
+        given = x_focalloop_secret or ""
+        if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
+            raise HTTPException(401, "missing or wrong X-Focalloop-Secret header")
+        raw = await _read_capped(request, settings.webhook_max_body_bytes)
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise HTTPException(400, f"the body is not JSON: {error}") from None
+        if not isinstance(body, dict):
+            raise HTTPException(400, "the body must be a JSON object")
+
+        def store() -> tuple[int | None, str]:
+            # One autocommit statement: the event is durable when the answer goes out.
+            with app.state.engine.connect().execution_options(
+                isolation_level="AUTOCOMMIT"
+            ) as connection:
+                if project not in project_ids:
+                    project_ids[project] = labelstudio.webhook_project_id(connection, project)
+                return labelstudio.store_webhook(connection, project_ids[project], body)
+
+        try:
+            event_id, outcome = await run_in_threadpool(store)
+        except NotFound as error:
+            raise HTTPException(404, str(error)) from None
+        except InvalidInput as error:
+            raise HTTPException(400, str(error)) from None
+        if event_id is not None:
+            app.state.doorbell.ring(event_id)
+        return WebhookAnswer(outcome=outcome, event_id=event_id)
+
+    @app.get(
+        "/api/v1/media/{project}/{item_id}",
+        tags=["labeling"],
+        response_class=Response,
+        responses={200: {"content": {"image/*": {}}, "description": "the item's source bytes"}},
+    )
+    def media(
+        project: str,
+        item_id: int,
+        expires: Annotated[int, Query()],
+        signature: Annotated[str, Query(min_length=64, max_length=64)],
+    ) -> Response:
+        """An item's image as registered (its bytes checked against the pool's SHA-256), for a
+        link signed by focalloop (what Label Studio tasks carry)."""
+        try:
+            labelstudio.check_media_signature(settings, project, item_id, expires, signature)
+        except InvalidInput as error:
+            raise HTTPException(403, str(error)) from None
+        with session_scope(app.state.engine) as session:
+            item = session.get(Item, item_id)
+            owner = session.get(Project, item.project_id) if item is not None else None
+            if item is None or owner is None or owner.name != project:
+                raise HTTPException(404, f"no item {item_id} in project {project!r}")
+            uri, content_hash = item.uri, item.content_hash
+        # The uri was checked against the trusted roots when the item was registered; reading
+        # it inside its own folder still refuses symlinks that lead elsewhere.
+        folder = uri.rsplit("/", 1)[0]
+        try:
+            data = SourceReader(settings).read(locate(uri, [folder]))
+        except NotFound as error:
+            raise HTTPException(404, str(error)) from None
+        if sha256_hex(data) != content_hash:
+            raise HTTPException(409, "the source file changed since it was registered")
+        media_type = mimetypes.guess_type(uri)[0] or "application/octet-stream"
+        return Response(content=data, media_type=media_type)
+
+    @app.exception_handler(NotFound)
+    async def not_found(_: Request, error: NotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=404)
+
+    return app
+
+
+def app_from_environment() -> FastAPI:
+    """The app for `focalloop api` (uvicorn's factory): Settings from the environment."""
+    from services.config import get_settings
+
+    return create_app(get_settings())

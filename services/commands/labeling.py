@@ -1,0 +1,136 @@
+"""`focalloop labelstudio connect|sync|push|status` and `focalloop api`."""
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlmodel import col, func, select
+
+from services import labelstudio
+from services.commands.state import engine_for
+from services.config import get_settings
+from services.db import session_scope
+from services.models import InboxEvent, Item, LabelTask
+from services.projects import get_project
+
+labelstudio_app = typer.Typer(
+    help="Connect projects to Label Studio and reconcile their answers.", no_args_is_help=True
+)
+console = Console()
+
+
+@labelstudio_app.command("connect")
+def connect(
+    name: Annotated[str, typer.Argument(help="The focalloop project.")],
+    url: Annotated[str, typer.Option(help="Label Studio's URL, e.g. http://127.0.0.1:8080.")],
+    token_env: Annotated[
+        str, typer.Option(help="Environment variable holding the Label Studio API token.")
+    ] = "LABEL_STUDIO_TOKEN",
+    media: Annotated[
+        str, typer.Option(help="auto | api | presigned: how tasks link to images.")
+    ] = "auto",
+    review_threshold: Annotated[
+        float,
+        typer.Option(help="Send a label to review when its cross-fitted probability is below."),
+    ] = labelstudio.DEFAULT_REVIEW_THRESHOLD,
+    reviews_per_cycle: Annotated[
+        int, typer.Option(min=0, help="At most this many review tasks per cycle.")
+    ] = labelstudio.DEFAULT_REVIEWS_PER_CYCLE,
+) -> None:
+    """Make Label Studio the project's labeler (label config, webhook, hardest-first view).
+    Safe to repeat: the Label Studio project and its webhook are reused."""
+    settings = get_settings()
+    with session_scope(engine_for(settings)) as session:
+        link = labelstudio.connect(
+            session,
+            name,
+            url=url,
+            token_env=token_env,
+            settings=settings,
+            media=media,
+            review_threshold=review_threshold,
+            reviews_per_cycle=reviews_per_cycle,
+        )
+    console.print(
+        f"{name}: Label Studio project {link.project_id} at {link.url}/projects/{link.project_id} "
+        f"(webhook {link.webhook_id} -> {labelstudio.webhook_url(settings, name)}, "
+        f"view {link.view_id} orders tasks hardest first)"
+    )
+
+
+@labelstudio_app.command("sync")
+def sync(name: Annotated[str, typer.Argument(help="The focalloop project.")]) -> None:
+    """Reconcile every answer with Label Studio now (beat does this on a schedule)."""
+    settings = get_settings()
+    report = labelstudio.sync_annotations(engine_for(settings), name, settings)
+    console.print(
+        f"{name}: {report.tasks_seen} tasks, {report.new_revisions} answers taken in, "
+        f"{report.withdrawn} withdrawn, {report.rejected} rejected"
+    )
+
+
+@labelstudio_app.command("push")
+def push(name: Annotated[str, typer.Argument(help="The focalloop project.")]) -> None:
+    """Create the project's pending tasks in Label Studio now (what a hand-off does)."""
+    settings = get_settings()
+    report = labelstudio.push_pending(engine_for(settings), name, settings)
+    console.print(f"{name}: {report.created} tasks created, {report.adopted} found already there")
+
+
+@labelstudio_app.command("status")
+def status(name: Annotated[str, typer.Argument(help="The focalloop project.")]) -> None:
+    """Tasks by kind and state, flagged items and the latest rejected answers."""
+    with session_scope(engine_for()) as session:
+        project = get_project(session, name)
+        link = labelstudio.LabelStudioLink.of(project)
+        counts = session.exec(
+            select(LabelTask.kind, LabelTask.state, func.count())
+            .where(LabelTask.project_id == project.id)
+            .group_by(col(LabelTask.kind), col(LabelTask.state))
+        ).all()
+        flagged = session.exec(
+            select(Item.external_id, Item.label_issue)
+            .where(Item.project_id == project.id, col(Item.label_issue).is_not(None))
+            .limit(20)
+        ).all()
+        rejected = session.exec(
+            select(InboxEvent.id, InboxEvent.error)
+            .where(InboxEvent.project_id == project.id, col(InboxEvent.error).is_not(None))
+            .order_by(col(InboxEvent.id).desc())
+            .limit(10)
+        ).all()
+    console.print(
+        f"{name}: Label Studio project {link.project_id} at {link.url}; "
+        f"last sync {link.last_sync_at or 'never'}"
+    )
+    table = Table("kind", "state", "tasks")
+    for kind, state, count in counts:
+        table.add_row(kind, state, str(count))
+    console.print(table)
+    for external_id, issue in flagged:
+        console.print(f"flagged {external_id}: {issue}")
+    for event_id, error in rejected:
+        console.print(f"rejected event {event_id}: {error}")
+
+
+def api(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 1,
+    access_log: Annotated[
+        bool, typer.Option(help="Log every request (costs about 3% of the webhook path's CPU).")
+    ] = False,
+) -> None:
+    """Serve the HTTP API (webhooks, media links, status) with uvicorn."""
+    import uvicorn
+
+    uvicorn.run(
+        "services.api.app:app_from_environment",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        access_log=access_log,
+        log_level=get_settings().log_level.lower(),
+    )
