@@ -126,32 +126,24 @@ class LabelStudioGateway:
         existing = _call(
             lambda: self._client.webhooks.list(project=str(project_id)), "list webhooks"
         )
-        headers = {SECRET_HEADER: secret}
+        settings: dict[str, Any] = {
+            "url": url,
+            "headers": {SECRET_HEADER: secret},
+            "send_payload": True,
+            "send_for_all_actions": False,
+            "actions": list(WEBHOOK_ACTIONS),
+        }
         same_url = [int(hook.id) for hook in existing if hook.url == url and hook.id is not None]
         if same_url:
             hook_id = same_url[0]
             _call(
-                lambda: self._client.webhooks.update(
-                    id=hook_id,
-                    url=url,
-                    headers=headers,
-                    send_payload=True,
-                    send_for_all_actions=False,
-                    actions=list(WEBHOOK_ACTIONS),
-                    is_active=True,
-                ),
+                lambda: self._client.webhooks.update(id=hook_id, is_active=True, **settings),
                 "update the webhook",
             )
             return hook_id
         hook = _call(
             lambda: self._client.webhooks.create(
-                url=url,
-                project=project_id,
-                headers=headers,
-                send_payload=True,
-                send_for_all_actions=False,
-                actions=list(WEBHOOK_ACTIONS),
-                request_options=self._once,
+                project=project_id, request_options=self._once, **settings
             ),
             "register the webhook",
         )

@@ -46,6 +46,7 @@ from labeling.gateway import LabelStudioGateway
 from labeling.payloads import label_config
 from labeling.server import LocalLabelStudio, default_cache_dir, ensure_installed
 from services import db, labelstudio
+from services.bench.scoring import free_port
 from services.config import Settings, child_environment
 from services.datasets.pool import add_to_pool
 from services.models import Annotation, Item, ItemStatus, LabelTask, LabelTaskState
@@ -55,15 +56,6 @@ FOCALLOOP = str(Path(sys.executable).with_name("focalloop"))
 TOKEN_ENV = "FOCALLOOP_BENCH_LABEL_STUDIO_TOKEN"
 LABELS = ["common", "rare"]
 SECRET = "bench-webhook-secret"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _features_project(
@@ -160,7 +152,7 @@ class PushBenchResult:
 @contextmanager
 def _label_studio(folder: Path) -> Iterator[LocalLabelStudio]:
     server = LocalLabelStudio(
-        ensure_installed(default_cache_dir()), port=_free_port(), data_dir=folder / "ls"
+        ensure_installed(default_cache_dir()), port=free_port(), data_dir=folder / "ls"
     )
     server.start()
     try:
@@ -398,8 +390,8 @@ def run_ingest_bench(
     lost_total = duplicated_total = 0
     with tempfile.TemporaryDirectory(prefix="focalloop-bench-ingest-") as tmp:
         folder = Path(tmp)
-        port = _free_port()
-        redis_port = _free_port()
+        port = free_port()
+        redis_port = free_port()
         with (
             _database(database, folder) as database_url,
             _process(

@@ -80,7 +80,8 @@ class ScoreBenchRow:
         return asdict(self)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for the private servers a benchmark starts)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -216,7 +217,7 @@ def run_score_bench(
     rows: list[ScoreBenchRow] = []
     with tempfile.TemporaryDirectory(prefix="focalloop-bench-score-") as scratch:
         folder = Path(scratch)
-        redis_port = _free_port()
+        redis_port = free_port()
         settings = Settings(
             data_dir=folder / "data",
             database_url=f"sqlite:///{folder / 'state.db'}",

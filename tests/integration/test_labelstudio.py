@@ -174,6 +174,15 @@ def _inbox_ids(engine: sa.Engine, project_id: int) -> set[int]:
         }
 
 
+def _register(
+    engine: sa.Engine, settings: Settings, spec: ProjectSpec, source: str, root: str
+) -> None:
+    """Create a project and register one pool source from a trusted root."""
+    with db.session_scope(engine) as session:
+        project_row = create_project(session, spec)
+        add_to_pool(session, project_row, source, settings=settings, trusted_roots=[root])
+
+
 def _first_cycle(engine: sa.Engine, name: str, settings: Settings) -> int:
     cycle = cycles.maybe_start_cycle(engine, name, settings)
     assert cycle is not None and cycle.id is not None
@@ -550,25 +559,20 @@ def test_review_tasks_for_confidently_contradicted_labels(
     seed_labels = np.where(np.arange(n) < 300, given, "")  # the first 300 come labeled
     np.savez(folder / "pool.npz", features=digits.features[:n], item_ids=ids, labels=seed_labels)
     name = unique_name("rev")
-    with db.session_scope(sqlite_engine) as session:
-        project_row = create_project(
-            session,
-            ProjectSpec(
-                name=name,
-                labels=["other", "eight"],
-                modality="features",
-                store_url=f"file://{folder / 'store'}",
-                batch_size=10,
-                retrain_min_new_labels=1,
-            ),
-        )
-        add_to_pool(
-            session,
-            project_row,
-            str(folder / "pool.npz"),
-            settings=ls_settings,
-            trusted_roots=[f"file://{folder}"],
-        )
+    _register(
+        sqlite_engine,
+        ls_settings,
+        ProjectSpec(
+            name=name,
+            labels=["other", "eight"],
+            modality="features",
+            store_url=f"file://{folder / 'store'}",
+            batch_size=10,
+            retrain_min_new_labels=1,
+        ),
+        str(folder / "pool.npz"),
+        f"file://{folder}",
+    )
     ls_project = _connect(sqlite_engine, name, label_studio, ls_settings)
     _first_cycle(sqlite_engine, name, ls_settings)
     reviews = _tasks(sqlite_engine, name, kind="review")
@@ -640,20 +644,21 @@ def test_task_image_links_serve_the_image_bytes(
         source_url = f"s3://{bucket}/raw"
         settings = ls_settings.model_copy(update={"source_roots": [source_url]})
     name = unique_name("img")
-    with db.session_scope(sqlite_engine) as session:
-        project_row = create_project(
-            session,
-            ProjectSpec(
-                name=name,
-                labels=["dark", "light"],
-                modality="image",
-                store_url=f"file://{tmp_path / 'store'}",
-                image_size=8,
-                image_channels=1,
-                batch_size=4,
-            ),
-        )
-        add_to_pool(session, project_row, source_url, settings=settings, trusted_roots=[source_url])
+    _register(
+        sqlite_engine,
+        settings,
+        ProjectSpec(
+            name=name,
+            labels=["dark", "light"],
+            modality="image",
+            store_url=f"file://{tmp_path / 'store'}",
+            image_size=8,
+            image_channels=1,
+            batch_size=4,
+        ),
+        source_url,
+        source_url,
+    )
     ls_project = _connect(sqlite_engine, name, label_studio, settings)
     _first_cycle(sqlite_engine, name, settings)
     tasks = list(annotator.list_tasks(ls_project))
@@ -692,25 +697,17 @@ def test_media_link_refuses_a_changed_source(
     _png(folder / "a.png", 10)
     _png(folder / "b.png", 200)
     name = unique_name("img")
+    spec = ProjectSpec(
+        name=name,
+        labels=["x", "y"],
+        modality="image",
+        store_url=f"file://{tmp_path / 'store'}",
+        image_size=8,
+        image_channels=1,
+    )
+    _register(sqlite_engine, ls_settings, spec, f"file://{folder}", f"file://{folder}")
     with db.session_scope(sqlite_engine) as session:
-        project_row = create_project(
-            session,
-            ProjectSpec(
-                name=name,
-                labels=["x", "y"],
-                modality="image",
-                store_url=f"file://{tmp_path / 'store'}",
-                image_size=8,
-                image_channels=1,
-            ),
-        )
-        add_to_pool(
-            session,
-            project_row,
-            f"file://{folder}",
-            settings=ls_settings,
-            trusted_roots=[f"file://{folder}"],
-        )
+        project_row = get_project(session, name)
         item = session.exec(select(Item).where(Item.project_id == project_row.id)).first()
         assert item is not None
         project_row.labeler = {
