@@ -19,6 +19,8 @@ from pathlib import Path
 
 import httpx
 
+from services.config import process_environment
+
 LABEL_STUDIO_VERSION = "1.23.2"
 
 
@@ -86,13 +88,12 @@ class LocalLabelStudio:
         """Start the server and wait until it answers its health check (the first start runs
         Label Studio's migrations: about a minute)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        environment = {
-            **os.environ,
-            "LABEL_STUDIO_BASE_DATA_DIR": str(self.data_dir),
-            "SSRF_PROTECTION_ENABLED": "false",
-            # Images may be served by local focalloop APIs on loopback too.
-            "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "false",
-        }
+        environment = process_environment(
+            LABEL_STUDIO_BASE_DATA_DIR=str(self.data_dir),
+            # Webhooks go to focalloop's API, which is on loopback or a private network.
+            SSRF_PROTECTION_ENABLED="false",
+            LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED="false",
+        )
         log = (self.data_dir / "label-studio.log").open("ab")
         self.process = subprocess.Popen(
             [

@@ -156,6 +156,18 @@ def secret_from_environment(variable: str) -> SecretStr:
     return SecretStr(value)
 
 
+def provide_secret(variable: str, value: str) -> None:
+    """Put a secret where `secret_from_environment(variable)` finds it, for this process and
+    the processes it starts (a benchmark handing its Label Studio token to the gateway)."""
+    os.environ[variable] = value
+
+
+def process_environment(**extra: str) -> dict[str, str]:
+    """This process's environment plus `extra`, for a non-focalloop program it starts (Label
+    Studio, redis-server); focalloop processes get `child_environment` instead."""
+    return {**os.environ, **extra}
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process's Settings, read from the environment on first use."""

@@ -47,7 +47,7 @@ from labeling.payloads import label_config
 from labeling.server import LocalLabelStudio, default_cache_dir, ensure_installed
 from services import db, labelstudio
 from services.bench.scoring import free_port
-from services.config import Settings, child_environment
+from services.config import Settings, child_environment, process_environment, provide_secret
 from services.datasets.pool import add_to_pool
 from services.models import Annotation, Item, ItemStatus, LabelTask, LabelTaskState
 from services.projects import ProjectSpec, create_project, get_project
@@ -168,7 +168,7 @@ def run_push_bench(*, tasks: int, repeats: int, batch: int) -> PushBenchResult:
         folder = Path(tmp)
         with _label_studio(folder) as server:
             # The gateway reads the token from the variable a project's link names.
-            os.environ[TOKEN_ENV] = server.credentials.token
+            provide_secret(TOKEN_ENV, server.credentials.token)
             settings = Settings(
                 data_dir=folder / "data",
                 webhook_secret=SecretStr(SECRET),
@@ -399,7 +399,7 @@ def run_ingest_bench(
                     *("redis-server", "--port", str(redis_port), "--bind", "127.0.0.1"),
                     *("--save", "", "--appendonly", "no", "--dir", str(folder)),
                 ],
-                dict(os.environ),
+                process_environment(),
                 folder / "redis.log",
             ),
         ):
