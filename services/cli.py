@@ -22,10 +22,12 @@ from services.bench.manifest import run_manifest_bench
 from services.bench.report import write_json
 from services.bench.scoring import run_score_bench
 from services.bench.selection import run_select_bench
+from services.commands.admin import model_app, token_app
 from services.commands.cycles import beat, cycle_app, worker
 from services.commands.datasets import datasets_app
 from services.commands.labeling import api, labelstudio_app
 from services.commands.state import db_app, pool_app, project_app
+from services.commands.up import up
 from services.demo import DEMO_ARMS, digits_with_rare_class
 from services.errors import FocalloopError, InvalidInput
 from services.ml.train import resolve_device, torch_threads
@@ -57,9 +59,12 @@ app.add_typer(pool_app, name="pool")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(cycle_app, name="cycle")
 app.add_typer(labelstudio_app, name="labelstudio")
+app.add_typer(token_app, name="token")
+app.add_typer(model_app, name="model")
 app.command("api")(api)
 app.command("worker")(worker)
 app.command("beat")(beat)
+app.command("up")(up)
 
 console = Console()
 errors = Console(stderr=True)

@@ -7,12 +7,28 @@ Every field maps to an environment variable `FOCALLOOP_<FIELD>`; unknown `FOCALL
 
 import json
 import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+
+class _FocalloopDotEnv(DotEnvSettingsSource):
+    """The `.env` file's FOCALLOOP_* keys only: the file is shared with docker-compose, whose
+    own keys (LABEL_STUDIO_TOKEN, GRAFANA_ADMIN_PASSWORD) are not settings. An unknown
+    FOCALLOOP_* key is still refused."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        prefix = self._apply_case_sensitive(self.env_prefix)
+        return {k: v for k, v in super()._load_env_vars().items() if k.startswith(prefix)}
 
 
 class Settings(BaseSettings):
@@ -33,6 +49,11 @@ class Settings(BaseSettings):
         default=None, ge=1, description="CPU threads for torch; None keeps torch's default."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = Field(
+        default="json",
+        description="Logs of the api, worker and beat: JSON lines with project/cycle/task ids, "
+        "or plain text for a terminal.",
+    )
     database_url: str | None = Field(
         default=None,
         description=(
@@ -50,6 +71,14 @@ class Settings(BaseSettings):
         description=(
             "URL prefixes (file:///dir/ or s3://bucket/prefix/) pool sources may be read from. "
             "The CLI also trusts the source it is given; the API trusts only these."
+        ),
+    )
+    store_roots: list[str] = Field(
+        default_factory=list,
+        description=(
+            "URL prefixes (file:///dir/ or s3://bucket/prefix/) where projects created through "
+            "the API may keep their dataset store; the default store, a folder under data_dir, "
+            "is always allowed."
         ),
     )
     s3_endpoint_url: str | None = Field(
@@ -139,6 +168,23 @@ class Settings(BaseSettings):
         ),
     )
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        assert isinstance(dotenv_settings, DotEnvSettingsSource)
+        dotenv = _FocalloopDotEnv(
+            settings_cls,
+            env_file=dotenv_settings.env_file,  # as given to Settings(_env_file=...) or the default
+            env_file_encoding=dotenv_settings.env_file_encoding,
+        )
+        return (init_settings, env_settings, dotenv, file_secret_settings)
+
     def resolved_database_url(self) -> str:
         """The database URL, with the embedded SQLite default under data_dir."""
         if self.database_url:
@@ -154,6 +200,12 @@ def secret_from_environment(variable: str) -> SecretStr:
     if not value:
         raise KeyError(f"environment variable {variable} is not set")
     return SecretStr(value)
+
+
+def redis_url_from_environment() -> str | None:
+    """REDIS_URL, the conventional name a platform gives its Redis; `focalloop up` uses it as
+    the broker instead of starting its own redis-server. None when unset or empty."""
+    return os.environ.get("REDIS_URL") or None
 
 
 def provide_secret(variable: str, value: str) -> None:

@@ -40,7 +40,7 @@ from celery.schedules import crontab
 from numpy.typing import NDArray
 from sqlmodel import Session, col, func, select
 
-from services import labelstudio
+from services import labelstudio, logs, promotion
 from services.config import Settings
 from services.datasets.pool import load_shard
 from services.datasets.snapshot import get_version, snapshot
@@ -58,6 +58,7 @@ from services.loop import (
 )
 from services.ml.checkpoint import SIDECAR_FILE, WEIGHTS_FILE, Checkpoint, load_checkpoint
 from services.ml.checkpoint import save_checkpoint as save_checkpoint_dir
+from services.ml.metrics import EvaluationReport, default_minority_class, evaluate
 from services.ml.nets import spec_for_inputs
 from services.ml.score import score
 from services.ml.train import LossSpec, TrainResult
@@ -233,6 +234,14 @@ def _read_model(store_url: str, prefix: str, settings: Settings) -> Checkpoint:
         return load_checkpoint(folder)
 
 
+def model_files(project: Project, model: ModelVersion, settings: Settings) -> dict[str, bytes]:
+    """A model version's checkpoint files (weights and sidecar) as stored, by file name."""
+    store = open_store(project.store_url, settings)
+    return {
+        name: store.get(f"{model.artifact_uri}/{name}") for name in (WEIGHTS_FILE, SIDECAR_FILE)
+    }
+
+
 def load_model(project: Project, model: ModelVersion, settings: Settings) -> Checkpoint:
     """A model version's checkpoint (verified on first load, then cached per process)."""
     checkpoint: Checkpoint = _MODELS.get(
@@ -330,6 +339,8 @@ def start_cycle(session: Session, project_name: str, *, trigger: str, settings: 
     cycle.deadline_at = utcnow() + timedelta(seconds=settings.cycle_deadline_s)
     session.add(cycle)
     session.flush()
+    # Items added to the pool since the last cycle widen the evaluation set to its share.
+    promotion.reserve_eval_set(session, project, seed=cycle.id or 0)
     return cycle
 
 
@@ -415,40 +426,61 @@ def _renew_cycle_lease(engine: sa.Engine, cycle_id: int, attempt: int, settings:
         return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
-def _training_data(
+def _training_rows(
     session: Session, project: Project, version: int, settings: Settings
-) -> tuple[NDArray[np.float32], NDArray[np.int64], NDArray[np.int64]]:
-    """items [m, *shape], labels [m] (class indices) and item ids [m] (database ids) of a
-    committed dataset version."""
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Labels [m] (class indices) and item ids [m] (database ids) of a committed dataset
+    version's training rows: every row but the evaluation set's, which is never trained on."""
     store = _store(project, settings)
     _, table = read_version(store, project.name, version)
     external_ids = table["item_id"].to_pylist()
     index = {label: i for i, label in enumerate(project.labels)}
-    labels = np.array([index[label] for label in table["label"].to_pylist()], dtype=np.int64)
-    ids_by_external: dict[str, int] = {}
+    labels = [index[label] for label in table["label"].to_pylist()]
+    found: dict[str, tuple[int, bool]] = {}
     for start in range(0, len(external_ids), 5000):
         chunk = external_ids[start : start + 5000]
-        ids_by_external.update(
-            (external_id, item_id)
-            for external_id, item_id in session.execute(
-                sa.select(col(Item.external_id), col(Item.id)).where(
+        found.update(
+            (external_id, (item_id, eval_set))
+            for external_id, item_id, eval_set in session.execute(
+                sa.select(col(Item.external_id), col(Item.id), col(Item.eval_set)).where(
                     col(Item.project_id) == project.id, col(Item.external_id).in_(chunk)
                 )
             )
         )
-    missing = [e for e in external_ids if e not in ids_by_external]
+    missing = [e for e in external_ids if e not in found]
     if missing:
         raise PermanentError(f"dataset v{version} names items not in the pool, e.g. {missing[:5]}")
-    item_ids = [ids_by_external[e] for e in external_ids]
-    items = load_items(session, project, item_ids, settings)
-    return items, labels, np.array(item_ids, dtype=np.int64)
+    kept = [
+        (found[e][0], label)
+        for e, label in zip(external_ids, labels, strict=True)
+        if not found[e][1]
+    ]
+    return (
+        np.array([label for _, label in kept], dtype=np.int64),
+        np.array([item_id for item_id, _ in kept], dtype=np.int64),
+    )
 
 
-def _is_cold_start(session: Session, project: Project, cycle: Cycle) -> bool:
+def _training_data(
+    session: Session, project: Project, version: int, settings: Settings
+) -> tuple[NDArray[np.float32], NDArray[np.int64], NDArray[np.int64]]:
+    """items [m, *shape], labels [m] (class indices) and item ids [m] (database ids) of a
+    committed dataset version's training rows."""
+    labels, item_ids = _training_rows(session, project, version, settings)
+    items = load_items(session, project, item_ids.tolist(), settings)
+    return items, labels, item_ids
+
+
+def _is_cold_start(session: Session, project: Project, cycle: Cycle, settings: Settings) -> bool:
+    """Whether the cycle has too little training data for a model: fewer than two classes
+    among the version's training rows (evaluation items do not count)."""
     if cycle.dataset_version is None:
         return True
     counts = get_version(session, project, cycle.dataset_version).class_counts or {}
-    return sum(1 for count in counts.values() if count > 0) < 2
+    if sum(1 for count in counts.values() if count > 0) < 2:
+        return True
+    labels, _ = _training_rows(session, project, cycle.dataset_version, settings)
+    return len(np.unique(labels)) < 2
 
 
 # Scored each cycle: unlabeled items are the candidates; queued ones (waiting in the labeling
@@ -483,7 +515,8 @@ def train_cycle(engine: sa.Engine, cycle_id: int, settings: Settings) -> TrainOu
             return TrainOutcome()
         project = session.get(Project, cycle.project_id)
         assert project is not None
-        if cycle.state == CycleState.PENDING and _is_cold_start(session, project, cycle):
+        logs.bind(project=project.name, cycle_id=cycle.id)
+        if cycle.state == CycleState.PENDING and _is_cold_start(session, project, cycle, settings):
             transition_cycle(session, cycle_id, CycleState.SELECTING)
             return TrainOutcome(select=True)
         attempt = _claim_training(session, cycle_id, settings)
@@ -502,11 +535,19 @@ def train_cycle(engine: sa.Engine, cycle_id: int, settings: Settings) -> TrainOu
         assert cycle is not None and cycle.dataset_version is not None
         project = session.get(Project, cycle.project_id)
         assert project is not None
+        logs.bind(project=project.name, cycle_id=cycle.id)
         items, labels, item_ids = _training_data(session, project, cycle.dataset_version, settings)
         previous_row = current_model(session, project)
         previous = load_model(project, previous_row, settings) if previous_row else None
         config = loop_config(project)
         version = cycle.dataset_version
+        gate = promotion.gate_config(project)
+        evaluation = promotion.eval_labels(session, project)
+        eval_items = (
+            load_items(session, project, evaluation.item_ids, settings)
+            if evaluation.item_ids
+            else None
+        )
     spec = spec_for_inputs(items.shape[1:], n_classes=len(project.labels))
     if previous is not None and previous.spec != spec:
         previous = None  # the label set grew: the old head does not fit
@@ -521,6 +562,17 @@ def train_cycle(engine: sa.Engine, cycle_id: int, settings: Settings) -> TrainOu
                 config=config,
                 seed=cycle_id,
                 previous=previous,
+            )
+            metrics, decision = _evaluate(
+                project=project,
+                result=result,
+                training=(items, labels),
+                evaluation=evaluation,
+                eval_items=eval_items,
+                previous=previous,
+                has_current=previous_row is not None,
+                gate=gate,
+                settings=settings,
             )
     except PermanentError as error:
         # Retrying cannot help (a non-finite loss, data that cannot be used): fail the cycle now,
@@ -540,20 +592,25 @@ def train_cycle(engine: sa.Engine, cycle_id: int, settings: Settings) -> TrainOu
             return TrainOutcome()
         if _cancel_if_requested(session, cycle):
             return TrainOutcome()
-        model = _record_model(session, project, cycle, result, prefix)
+        model = _record_model(session, project, cycle, result, prefix, metrics, decision)
+        # A rejected model is kept for the record; the current one goes on scoring.
+        scorer = (
+            model if decision.promotion == Promotion.CURRENT else current_model(session, project)
+        )
+        assert scorer is not None  # a model is rejected only against a current one
         labelstudio.plan_reviews(
             session,
             project,
             cycle_id,
             reviews,
-            labelstudio.model_version_name(project, model.version),
+            labelstudio.model_version_name(project, scorer.version),
         )
         shards = _unlabeled_shards(session, project)
         chunks = [
             ScoreChunk(cycle_id=cycle_id, index=i, shard_key=key) for i, key in enumerate(shards)
         ]
         session.add_all(chunks)
-        cycle.model_version = model.version
+        cycle.model_version = scorer.version
         cycle.chunks_total = len(chunks)
         cycle.lease_expires_at = None
         session.add(cycle)
@@ -588,19 +645,112 @@ def _review_candidates(
     )
 
 
+def _evaluate(
+    *,
+    project: Project,
+    result: TrainResult,
+    training: tuple[NDArray[np.float32], NDArray[np.int64]],
+    evaluation: promotion.EvalLabels,
+    eval_items: NDArray[np.float32] | None,
+    previous: Checkpoint | None,
+    has_current: bool,
+    gate: promotion.GateConfig,
+    settings: Settings,
+) -> tuple[dict[str, Any], promotion.Decision]:
+    """The new model's metrics (training curve, validation split, evaluation set, and the
+    current model's evaluation for comparison) and the gate's decision.
+
+    training: the items [m, *shape] and labels [m] it was trained on (the validation split is
+    a subset). The minority class is the training set's least frequent one, for every report.
+    """
+    items, labels = training
+    n_classes = len(project.labels)
+    gamma = _scalar_gamma(result.loss)
+    minority = default_minority_class(labels, n_classes)
+
+    def report(
+        model: Any, spec: Any, temperature: float, inputs: NDArray[np.float32], truth: list[int]
+    ) -> EvaluationReport:
+        probs = score(
+            model, inputs, spec=spec, temperature=temperature, device=settings.device
+        ).probs
+        return evaluate(
+            probs,
+            np.asarray(truth, dtype=np.int64),
+            minority_class=minority,
+            focal_gamma=gamma,
+        )
+
+    validation = (
+        report(
+            result.model,
+            result.spec,
+            result.temperature,
+            items[result.val_indices],
+            labels[result.val_indices].tolist(),
+        )
+        if len(result.val_indices)
+        else None
+    )
+    candidate = current = None
+    if eval_items is not None:
+        candidate = report(
+            result.model, result.spec, result.temperature, eval_items, evaluation.labels
+        )
+        if previous is not None:
+            current = report(
+                previous.model, previous.spec, previous.temperature, eval_items, evaluation.labels
+            )
+    decision = promotion.decide(
+        labels=list(project.labels),
+        per_class_counts=evaluation.per_class(n_classes),
+        candidate=candidate,
+        current=current,
+        config=gate,
+        has_current=has_current,
+    )
+    metrics: dict[str, Any] = {
+        "labels": list(project.labels),
+        "train_loss": result.train_loss,
+        "val_loss": result.val_loss,
+        "val_error": result.val_error,
+        "best_epoch": result.best_epoch,
+        "temperature": result.temperature,
+        "ece_before": result.ece_before,
+        "ece_after": result.ece_after,
+        "class_counts": dict(zip(project.labels, result.class_counts, strict=True)),
+        "trained_items": len(result.train_indices),
+        "validation_items": len(result.val_indices),
+        "validation": validation.to_dict() if validation is not None else None,
+        "evaluation": candidate.to_dict() if candidate is not None else None,
+        "evaluation_of_current": current.to_dict() if current is not None else None,
+        "evaluation_labels": dict(
+            zip(project.labels, evaluation.per_class(n_classes), strict=True)
+        ),
+    }
+    return metrics, decision
+
+
 def _record_model(
-    session: Session, project: Project, cycle: Cycle, result: TrainResult, prefix: str
+    session: Session,
+    project: Project,
+    cycle: Cycle,
+    result: TrainResult,
+    prefix: str,
+    metrics: dict[str, Any],
+    decision: promotion.Decision,
 ) -> ModelVersion:
-    """The model version row; it becomes current (the evaluation gate comes with the status
-    API, so the decision is recorded as made without evaluation)."""
+    """The model version row with the gate's decision; a promoted model retires the current
+    one, a rejected one leaves it current."""
     number = (
         session.exec(
             select(func.max(ModelVersion.version)).where(ModelVersion.project_id == project.id)
         ).one()
         or 0
     ) + 1
+    promoted = decision.promotion == Promotion.CURRENT
     previous = current_model(session, project)
-    if previous is not None:
+    if promoted and previous is not None:
         previous.promotion = Promotion.RETIRED
         session.add(previous)
     model = ModelVersion(
@@ -615,19 +765,10 @@ def _record_model(
             "device": result.device,
             "autocast": result.autocast,
         },
-        metrics={
-            "train_loss": result.train_loss,
-            "val_loss": result.val_loss,
-            "val_error": result.val_error,
-            "best_epoch": result.best_epoch,
-            "temperature": result.temperature,
-            "ece_before": result.ece_before,
-            "ece_after": result.ece_after,
-            "class_counts": dict(zip(project.labels, result.class_counts, strict=True)),
-        },
-        promotion=Promotion.CURRENT,
-        promotion_reason="promoted without evaluation: no evaluation set yet",
-        promoted_at=utcnow(),
+        metrics=metrics,
+        promotion=decision.promotion,
+        promotion_reason=decision.reason[:2000],
+        promoted_at=utcnow() if promoted else None,
     )
     session.add(model)
     session.flush()
@@ -831,6 +972,7 @@ def _score_claimed(
         assert cycle is not None
         project = session.get(Project, cycle.project_id)
         assert project is not None
+        logs.bind(project=project.name, cycle_id=cycle.id)
         model_row = session.exec(
             select(ModelVersion).where(
                 ModelVersion.project_id == project.id,
@@ -840,7 +982,7 @@ def _score_claimed(
         # The chunk is one shard: read it once and keep the rows still unlabeled or queued now
         # (items labeled since the cycle started are not scored).
         rows = session.execute(
-            sa.select(col(Item.id), col(Item.shard_row), col(Item.status))
+            sa.select(col(Item.id), col(Item.shard_row), col(Item.status), col(Item.eval_set))
             .where(
                 col(Item.project_id) == project.id,
                 col(Item.shard_key) == chunk.shard_key,
@@ -848,13 +990,17 @@ def _score_claimed(
             )
             .order_by(col(Item.id))
         ).all()
-        item_ids = np.array([item_id for item_id, _, _ in rows], dtype=np.int64)
-        # Only unlabeled items can be selected; queued ones get per-item scores only.
-        selectable = np.array([status == ItemStatus.UNLABELED for _, _, status in rows], bool)
+        item_ids = np.array([item_id for item_id, _, _, _ in rows], dtype=np.int64)
+        # Only unlabeled items outside the evaluation set can be selected; queued ones get
+        # per-item scores only (their tasks' predictions).
+        selectable = np.array(
+            [status == ItemStatus.UNLABELED and not in_eval for _, _, status, in_eval in rows],
+            dtype=bool,
+        )
         items = None
         if rows:
             shard = load_shard(_store(project, settings), chunk.shard_key)
-            items = shard.data[np.array([int(row or 0) for _, row, _ in rows], dtype=np.int64)]
+            items = shard.data[np.array([int(row or 0) for _, row, _, _ in rows], dtype=np.int64)]
         config = loop_config(project)
         cycle_id = cycle.id or 0
         model_version = model_row.version
@@ -972,8 +1118,12 @@ def select_cycle(engine: sa.Engine, cycle_id: int, settings: Settings) -> bool:
             return False
         project = session.get(Project, cycle.project_id)
         assert project is not None
+        logs.bind(project=project.name, cycle_id=cycle.id)
         config = loop_config(project)
+        # Evaluation items waiting for labels go first; the strategy fills the rest.
         batch_size = _batch_size(session, project)
+        evaluation_ids = promotion.eval_picks(session, project, batch_size)
+        batch_size -= len(evaluation_ids)
         counts = _label_counts(session, project, cycle)
         chunk_keys = [
             key
@@ -1041,25 +1191,35 @@ def select_cycle(engine: sa.Engine, cycle_id: int, settings: Settings) -> bool:
                     seed=cycle_id,
                 )
                 explored = [pool_ids[int(p)] for p in picks]
-        rows = [
-            CycleSelection(
-                cycle_id=cycle_id,
-                item_id=item_id,
-                rank=rank,
-                score=score_value,
-                predicted_label=project.labels[int(np.argmax(probs))]
-                if probs is not None
-                else None,
-                probability=float(np.max(probs)) if probs is not None else None,
-                model_version=cycle.model_version,
-            )
-            for rank, (item_id, score_value, probs) in enumerate(exploit)
-        ] + [
-            CycleSelection(
-                cycle_id=cycle_id, item_id=item_id, rank=len(exploit) + i, cold_start=True
-            )
-            for i, item_id in enumerate(explored)
-        ]
+        rows = (
+            [
+                CycleSelection(cycle_id=cycle_id, item_id=item_id, rank=rank, evaluation=True)
+                for rank, item_id in enumerate(evaluation_ids)
+            ]
+            + [
+                CycleSelection(
+                    cycle_id=cycle_id,
+                    item_id=item_id,
+                    rank=len(evaluation_ids) + rank,
+                    score=score_value,
+                    predicted_label=project.labels[int(np.argmax(probs))]
+                    if probs is not None
+                    else None,
+                    probability=float(np.max(probs)) if probs is not None else None,
+                    model_version=cycle.model_version,
+                )
+                for rank, (item_id, score_value, probs) in enumerate(exploit)
+            ]
+            + [
+                CycleSelection(
+                    cycle_id=cycle_id,
+                    item_id=item_id,
+                    rank=len(evaluation_ids) + len(exploit) + i,
+                    cold_start=True,
+                )
+                for i, item_id in enumerate(explored)
+            ]
+        )
         session.add_all(rows)
         transition_items(
             session,
@@ -1082,6 +1242,7 @@ def _unlabeled_ids(session: Session, project: Project) -> list[int]:
             sa.select(col(Item.id)).where(
                 col(Item.project_id) == project.id,
                 col(Item.status) == ItemStatus.UNLABELED,
+                col(Item.eval_set).is_(False),
             )
         )
     )
@@ -1154,6 +1315,7 @@ def hand_off(engine: sa.Engine, cycle_id: int, settings: Settings) -> list[int]:
             return []
         project = session.get(Project, cycle.project_id)
         assert project is not None
+        logs.bind(project=project.name, cycle_id=cycle.id)
         kind = project.labeler.get("kind")
     if kind == labelstudio.KIND:
         try:
@@ -1179,6 +1341,7 @@ def hand_off(engine: sa.Engine, cycle_id: int, settings: Settings) -> list[int]:
             return []
         project = session.get(Project, cycle.project_id)
         assert project is not None
+        logs.bind(project=project.name, cycle_id=cycle.id)
         rows = session.execute(
             sa.select(col(Item.id), col(Item.external_id))
             .join(CycleSelection, col(CycleSelection.item_id) == col(Item.id))
@@ -1295,9 +1458,15 @@ def pending_events(session: Session, *, limit: int = 10_000) -> list[int]:
 
 
 def labels_since_model(session: Session, project: Project) -> int:
-    """Human labels stored since the dataset version the current model was trained on was
-    committed (all human labels when there is no model yet)."""
-    model = current_model(session, project)
+    """Human labels stored since the dataset version the newest model was trained on was
+    committed (all human labels when there is no model yet). The newest, not the current: a
+    model the gate rejected was trained on those labels, and retraining on them again would
+    loop."""
+    model = session.exec(
+        select(ModelVersion)
+        .where(ModelVersion.project_id == project.id)
+        .order_by(col(ModelVersion.version).desc())
+    ).first()
     statement = (
         select(func.count())
         .select_from(Annotation)

@@ -245,7 +245,7 @@ def check_media_signature(
 ) -> None:
     """InvalidInput unless the link is ours and not expired (constant-time compare)."""
     expected = media_signature(settings, project_name, item_id, expires)
-    if not hmac.compare_digest(expected, signature):
+    if not hmac.compare_digest(expected.encode(), signature.encode()):
         raise InvalidInput("bad media link signature")
     if expires < time.time():
         raise InvalidInput("media link expired")
@@ -1213,6 +1213,25 @@ def sync_annotations(engine: sa.Engine, project_name: str, settings: Settings) -
         rejected=rejected,
         event_ids=event_ids,
     )
+
+
+def reconcile_all(engine: sa.Engine, settings: Settings) -> None:
+    """For every connected project: create tasks a hand-off left pending (Label Studio was
+    down, or the pusher died) and reconcile its answers (what webhooks missed, deletions
+    included). One project's failure is logged and does not stop the others."""
+    with session_scope(engine) as session:
+        names = connected_projects(session)
+    for name in names:
+        try:
+            pushed = push_pending(engine, name, settings)
+            if pushed.created or pushed.adopted:
+                log.info("pushed %s's pending tasks to Label Studio: %s", name, pushed)
+            report = sync_annotations(engine, name, settings)
+        except FocalloopError:
+            log.exception("sync of %s with Label Studio failed", name)
+            continue
+        if report.new_revisions or report.withdrawn:
+            log.info("synced %s with Label Studio: %s", name, report)
 
 
 def connected_projects(session: Session) -> list[str]:

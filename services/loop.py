@@ -71,7 +71,12 @@ class SelectionConfig:
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise InvalidInput(f"unknown selection settings: {sorted(unknown)}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except InvalidInput:
+            raise
+        except (TypeError, ValueError) as error:  # a value of the wrong type
+            raise InvalidInput(f"invalid selection settings: {error}") from None
 
     def candidate_multiplier(self) -> int:
         """k' / batch: how many candidates per batch slot scoring chunks must keep."""

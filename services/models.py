@@ -156,6 +156,11 @@ class Project(SQLModel, table=True):
     retrain_min_new_labels: int = Field(default=100)
     retrain_cron: str | None = Field(default=None, max_length=120)
     paused: bool = Field(default=False)
+    gate: dict[str, Any] = Field(
+        default_factory=dict,
+        sa_type=sa.JSON,
+        description="Promotion gate and evaluation set settings (services.promotion.GateConfig).",
+    )
     labeler: dict[str, Any] = Field(
         default_factory=lambda: {"kind": "none"},
         sa_type=sa.JSON,
@@ -196,6 +201,11 @@ class Item(SQLModel, table=True):
         max_length=1000,
         description="Why the last answer from a labeling tool was rejected (e.g. a label outside "
         "the label set); cleared when an answer is accepted.",
+    )
+    eval_set: bool = Field(
+        default=False,
+        description="Reserved for the project's evaluation set: labeled first, never trained "
+        "on or selected by a strategy. Set once, while unlabeled, and never cleared.",
     )
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
@@ -342,6 +352,7 @@ class CycleSelection(SQLModel, table=True):
     probability: float | None = Field(default=None, description="Predicted class probability.")
     model_version: int | None = Field(default=None)
     cold_start: bool = Field(default=False)
+    evaluation: bool = Field(default=False, description="An evaluation-set item, picked first.")
 
 
 class InboxEvent(SQLModel, table=True):
@@ -406,3 +417,46 @@ class LabelTask(SQLModel, table=True):
     attempted_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class TokenScope(StrEnum):
+    """What an API token may do; each scope includes the ones before it."""
+
+    READ = "read"
+    WRITE = "write"
+    ADMIN = "admin"
+
+
+SCOPE_ORDER = [TokenScope.READ, TokenScope.WRITE, TokenScope.ADMIN]
+
+
+class ApiToken(SQLModel, table=True):
+    """A bearer token for the REST API. Only the SHA-256 of the secret is stored (the tokens are
+    32 random bytes, so a slow hash would add nothing); the secret is shown once, at creation."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=100, description="What it is for (shown in lists and audit).")
+    token_hash: str = Field(max_length=64, unique=True, description="SHA-256 of the secret, hex.")
+    scope: str = Field(max_length=16, description="read | write | admin")
+    project_id: int | None = Field(
+        default=None, foreign_key="project.id", description="Only this project; None = all."
+    )
+    expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    created_by: str = Field(max_length=200)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    last_used_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class AuditEntry(SQLModel, table=True):
+    """Who did what, when: every trigger, promotion, rollback, cancel and token change."""
+
+    __table_args__ = (sa.Index("ix_auditentry_project_at", "project_id", "at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    actor: str = Field(max_length=200, description="token:<id>:<name>, cli:<user> or beat.")
+    action: str = Field(max_length=60, description="e.g. cycle.start, model.promote")
+    project_id: int | None = Field(default=None, foreign_key="project.id")
+    target: str = Field(default="", max_length=400, description="What it acted on.")
+    detail: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)

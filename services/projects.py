@@ -8,6 +8,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlmodel import Session, col, func, select
 
+from services.config import Settings
 from services.datasets.store import StoreUrl
 from services.errors import Conflict, InvalidInput, NotFound
 from services.loop import SelectionConfig, default_loop_config
@@ -75,11 +76,18 @@ class ProjectSpec:
     label_budget: int | None = None
     retrain_min_new_labels: int = 100
     retrain_cron: str | None = None
+    gate: dict[str, Any] | None = None
+
+
+def _checked_gate(gate: dict[str, Any] | None, labels: list[str]) -> dict[str, Any]:
+    from services.promotion import GateConfig  # promotion builds on projects
+
+    return GateConfig.from_dict(dict(gate or {}), labels).to_dict()
 
 
 def _checked_loss(loss: dict[str, Any] | None, n_classes: int) -> dict[str, Any]:
-    spec = default_loop_config().loss if loss is None else LossSpec.from_dict(loss)
     try:
+        spec = default_loop_config().loss if loss is None else LossSpec.from_dict(loss)
         # Building the loss runs its own checks (gamma >= 0, alpha length, scheme names).
         spec.build([1] * n_classes)
     except (TypeError, ValueError) as error:
@@ -121,6 +129,7 @@ def create_project(session: Session, spec: ProjectSpec) -> Project:
         label_budget=spec.label_budget,
         retrain_min_new_labels=spec.retrain_min_new_labels,
         retrain_cron=check_cron(spec.retrain_cron) if spec.retrain_cron else None,
+        gate=_checked_gate(spec.gate, labels),
     )
     session.add(project)
     try:
@@ -129,6 +138,24 @@ def create_project(session: Session, spec: ProjectSpec) -> Project:
         # Another writer took the name between our check and our insert.
         raise Conflict(f"project {spec.name!r} already exists") from None
     return project
+
+
+def api_store_url(settings: Settings, name: str, given: str | None) -> str:
+    """The dataset store of a project created through the API: `given` when it lies under one
+    of the configured store roots, else refused; None = a folder of its own under the data dir.
+    (The CLI's user names any store they can write; a remote caller may not.)"""
+    if given is None:
+        folder = settings.data_dir.expanduser().resolve() / "stores" / check_project_name(name)
+        return f"file://{folder}"
+    url = str(StoreUrl.parse(given))
+    for root in settings.store_roots:
+        prefix = str(StoreUrl.parse(root)).rstrip("/") + "/"
+        if (url.rstrip("/") + "/").startswith(prefix) and ".." not in url.split("/"):
+            return url
+    raise InvalidInput(
+        f"store {given!r} is outside the allowed store roots {settings.store_roots}; add its "
+        "prefix to FOCALLOOP_STORE_ROOTS or leave store_url out for the default"
+    )
 
 
 def get_project(session: Session, name: str, *, for_update: bool = False) -> Project:
@@ -217,9 +244,13 @@ def update_project(
     label_budget: int | None = None,
     retrain_min_new_labels: int | None = None,
     retrain_cron: str | None = None,
+    loss: dict[str, Any] | None = None,
+    selection: dict[str, Any] | None = None,
+    gate: dict[str, Any] | None = None,
 ) -> Project:
     """Change a project's settings; arguments left None stay as they are. The label set may
-    only grow (see `extend_labels`)."""
+    only grow (see `extend_labels`). `loss`, `selection` and `gate` are merged into the current
+    settings (keys given replace those keys) and checked as a whole."""
     if labels is not None:
         extend_labels(session, name, labels)
     project = get_project(session, name, for_update=True)
@@ -237,6 +268,14 @@ def update_project(
         project.retrain_min_new_labels = retrain_min_new_labels
     if retrain_cron is not None:
         project.retrain_cron = check_cron(retrain_cron)
+    if loss is not None:
+        project.loss_config = _checked_loss({**project.loss_config, **loss}, len(project.labels))
+    if selection is not None:
+        project.selection_config = SelectionConfig.from_dict(
+            {**project.selection_config, **selection}
+        ).to_dict()
+    if gate is not None:
+        project.gate = _checked_gate({**project.gate, **gate}, list(project.labels))
     project.updated_at = utcnow()
     session.add(project)
     session.flush()

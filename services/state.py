@@ -6,6 +6,7 @@ another writer moved the row first, the update matches nothing and `Conflict` is
 of silently overwriting its change. Illegal changes raise `IllegalTransition`.
 """
 
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,6 +30,7 @@ from services.models import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("focalloop.state")
 
 
 def _load_item(session: Session, item_id: int) -> Item:
@@ -404,6 +406,13 @@ def transition_cycle(
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise Conflict(f"cycle {cycle_id} left {current} while moving to {to}; not changed")
     session.refresh(cycle)
+    log.info(
+        "cycle %d: %s -> %s",
+        cycle_id,
+        current.value,
+        to.value,
+        extra={"cycle_id": cycle_id, "state": to.value, "reason": reason},
+    )
     return cycle
 
 

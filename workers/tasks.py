@@ -14,13 +14,13 @@ from collections.abc import Callable
 from typing import Any, ParamSpec, Protocol, cast
 
 import sqlalchemy as sa
-from celery.signals import worker_process_init
+from celery.signals import task_postrun, task_prerun, worker_process_init
 
-from services import cycles, labelstudio
+from services import cycles, labelstudio, logs
 from services.config import Settings, get_settings
 from services.datasets.snapshot import snapshot as commit_snapshot
 from services.db import engine_from_settings, session_scope
-from services.errors import FocalloopError, TransientError
+from services.errors import TransientError
 from services.projects import get_project
 from workers.app import app
 
@@ -53,6 +53,18 @@ def _fresh_process(**_: Any) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+@task_prerun.connect  # type: ignore[untyped-decorator]
+def _bind_task(task_id: str, task: Any, **_: Any) -> None:
+    # Every log line of the task carries its id and name; the cycle code adds project and cycle.
+    logs.clear()
+    logs.bind(task_id=task_id, task=task.name)
+
+
+@task_postrun.connect  # type: ignore[untyped-decorator]
+def _unbind_task(**_: Any) -> None:
+    logs.clear()
 
 
 def worker_name() -> str:
@@ -146,22 +158,8 @@ def maybe_start_cycles() -> None:
 
 @task("focalloop.sync_label_studio")
 def sync_label_studio() -> None:
-    """Beat: for every Label Studio project, create tasks a hand-off left pending (Label Studio
-    was down, or the pusher died) and reconcile its answers (what webhooks missed, deletions
-    included). One project's failure is logged and does not stop the others."""
-    with session_scope(engine()) as session:
-        names = labelstudio.connected_projects(session)
-    for name in names:
-        try:
-            pushed = labelstudio.push_pending(engine(), name, settings())
-            if pushed.created or pushed.adopted:
-                log.info("pushed %s's pending tasks to Label Studio: %s", name, pushed)
-            report = labelstudio.sync_annotations(engine(), name, settings())
-        except FocalloopError:
-            log.exception("sync of %s with Label Studio failed", name)
-            continue
-        if report.new_revisions or report.withdrawn:
-            log.info("synced %s with Label Studio: %s", name, report)
+    """Beat: push pending tasks and reconcile answers for every Label Studio project."""
+    labelstudio.reconcile_all(engine(), settings())
 
 
 @task("focalloop.recover_stalled")

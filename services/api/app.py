@@ -1,5 +1,5 @@
-"""The FastAPI application factory and the routes of the labeling round trip: liveness, Label
-Studio's webhook, and the signed media links tasks carry.
+"""The FastAPI application factory: the status and steering API (routes/), Label Studio's
+webhook and the signed media links tasks carry, and the mapping of domain errors to HTTP codes.
 
 The webhook only stores and enqueues: Label Studio waits about a second for an answer and never
 retries, so the work (parsing, checking labels, updating items) happens in the `ingest` task,
@@ -23,20 +23,19 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from services import labelstudio
+from services import labelstudio, logs
+from services.api.metrics import metrics_registry
+from services.api.routes import admin, cycles, datasets, models, operations, projects, queue
+from services.api.schemas import Problem
 from services.config import Settings
 from services.datasets.pool import SourceReader, locate
 from services.datasets.store import sha256_hex
 from services.db import engine_from_settings, session_scope
-from services.errors import InvalidInput, NotFound
+from services.errors import Conflict, InvalidInput, NotFound, TransientError
 from services.models import Item, Project
 
 log = logging.getLogger(__name__)
 INGEST_TASK = "focalloop.ingest"
-
-
-class Health(BaseModel):
-    status: str
 
 
 class WebhookAnswer(BaseModel):
@@ -114,22 +113,34 @@ def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> FastAP
     )
     app.state.settings = settings
     app.state.engine = engine if engine is not None else engine_from_settings(settings)
+    app.state.metrics, webhook_outcomes = metrics_registry(app.state.engine)
     celery = create_celery(settings)
+    app.state.celery = celery
+    for router in (
+        operations.router,
+        projects.router,
+        cycles.router,
+        models.router,
+        datasets.router,
+        queue.router,
+        admin.router,
+    ):
+        app.include_router(router)
     app.state.doorbell = IngestDoorbell(
         lambda ids: celery.send_task(INGEST_TASK, args=[ids], queue="io", retry=False)
     )
     project_ids: dict[str, int] = {}  # webhook URL name -> id (projects are never renamed)
 
-    @app.get("/api/v1/health", response_model=Health, tags=["operations"])
-    def health() -> Health:
-        """Liveness: the process answers (no dependency is checked, no auth)."""
-        return Health(status="ok")
-
     @app.post(
         "/api/v1/webhooks/label-studio",
         response_model=WebhookAnswer,
         tags=["labeling"],
-        responses={401: {"description": "missing or wrong secret header"}},
+        responses={
+            400: {"model": Problem, "description": "the body is not a JSON object"},
+            401: {"model": Problem, "description": "missing or wrong secret header"},
+            404: {"model": Problem, "description": "no such project"},
+            413: {"model": Problem, "description": "the body is too large"},
+        },
     )
     async def label_studio_webhook(
         request: Request,
@@ -138,8 +149,17 @@ def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> FastAP
     ) -> WebhookAnswer:
         """Store a Label Studio event (annotation created/updated/deleted) and enqueue its
         ingestion. The secret header is compared in constant time before the body is read."""
+        try:
+            answer = await receive(request, project, x_focalloop_secret)
+        except HTTPException:
+            webhook_outcomes.labels(outcome="rejected").inc()
+            raise
+        webhook_outcomes.labels(outcome=answer.outcome).inc()
+        return answer
+
+    async def receive(request: Request, project: str, secret: str | None) -> WebhookAnswer:
         expected = settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""
-        given = x_focalloop_secret or ""
+        given = secret or ""
         if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
             raise HTTPException(401, "missing or wrong X-Focalloop-Secret header")
         raw = await _read_capped(request, settings.webhook_max_body_bytes)
@@ -173,7 +193,12 @@ def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> FastAP
         "/api/v1/media/{project}/{item_id}",
         tags=["labeling"],
         response_class=Response,
-        responses={200: {"content": {"image/*": {}}, "description": "the item's source bytes"}},
+        responses={
+            200: {"content": {"image/*": {}}, "description": "the item's source bytes"},
+            403: {"model": Problem, "description": "bad or expired signature"},
+            404: {"model": Problem, "description": "no such item"},
+            409: {"model": Problem, "description": "the source changed since registration"},
+        },
     )
     def media(
         project: str,
@@ -205,9 +230,22 @@ def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> FastAP
         media_type = mimetypes.guess_type(uri)[0] or "application/octet-stream"
         return Response(content=data, media_type=media_type)
 
+    # Domain errors map to their HTTP codes here and only here; anything else is a 500.
     @app.exception_handler(NotFound)
     async def not_found(_: Request, error: NotFound) -> JSONResponse:
         return JSONResponse({"detail": str(error)}, status_code=404)
+
+    @app.exception_handler(InvalidInput)
+    async def invalid(_: Request, error: InvalidInput) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=422)
+
+    @app.exception_handler(Conflict)
+    async def conflict(_: Request, error: Conflict) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=409)
+
+    @app.exception_handler(TransientError)
+    async def unavailable(_: Request, error: TransientError) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=503, headers={"Retry-After": "5"})
 
     return app
 
@@ -216,4 +254,6 @@ def app_from_environment() -> FastAPI:
     """The app for `focalloop api` (uvicorn's factory): Settings from the environment."""
     from services.config import get_settings
 
-    return create_app(get_settings())
+    settings = get_settings()
+    logs.configure(settings.log_level, fmt=settings.log_format)
+    return create_app(settings)

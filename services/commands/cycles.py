@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlmodel import col, select
 
-from services import cycles
+from services import cycles, logs
 from services.commands.state import engine_for, project_app
 from services.config import get_settings
 from services.datasets.tables import read_table_file
@@ -55,6 +55,9 @@ def worker(
     import workers.tasks  # noqa: F401 (registers the tasks)
     from workers.app import app as celery_app
 
+    settings = get_settings()
+    logs.configure(settings.log_level, fmt=settings.log_format)
+
     argv = [
         "worker",
         f"--queues={','.join(wanted)}",
@@ -77,6 +80,7 @@ def beat(
     from workers.app import app as celery_app
 
     settings = get_settings()
+    logs.configure(settings.log_level, fmt=settings.log_format)
     path = schedule or settings.data_dir.expanduser() / "celerybeat-schedule"
     path.parent.mkdir(parents=True, exist_ok=True)
     celery_app.start(["beat", f"--schedule={path}", f"--loglevel={loglevel}"])

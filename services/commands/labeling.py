@@ -133,4 +133,5 @@ def api(
         workers=workers,
         access_log=access_log,
         log_level=get_settings().log_level.lower(),
+        log_config=None,  # the app configures logging (JSON lines by default) in each process
     )

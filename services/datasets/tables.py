@@ -67,18 +67,24 @@ def read_table_file(path: Path) -> pa.Table:
     return read_table_bytes(data, fmt, name=str(path))
 
 
+def table_bytes(table: pa.Table, fmt: TableFormat) -> bytes:
+    """`table` serialized as `fmt` (timestamps as ISO 8601 in CSV and JSONL)."""
+    if fmt == "parquet":
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        return buffer.getvalue()
+    if fmt == "csv":
+        sink = io.BytesIO()
+        pacsv.write_csv(table, sink)
+        return sink.getvalue()
+    return "".join(_json_line(row) for row in table.to_pylist()).encode("utf-8")
+
+
 def write_table_file(table: pa.Table, path: Path) -> None:
-    """Write `table` in the format `path`'s extension names (timestamps as ISO 8601 in CSV)."""
+    """Write `table` in the format `path`'s extension names (see `table_bytes`)."""
     fmt = table_format(path.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "parquet":
-        pq.write_table(table, path, compression="zstd")
-    elif fmt == "csv":
-        pacsv.write_csv(table, path)
-    else:
-        with path.open("w", encoding="utf-8") as handle:
-            for row in table.to_pylist():
-                handle.write(_json_line(row))
+    path.write_bytes(table_bytes(table, fmt))
 
 
 def _json_line(row: dict[str, object]) -> str:

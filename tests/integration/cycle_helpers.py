@@ -12,6 +12,7 @@ from sqlmodel import select
 from services import cycles, db
 from services.config import Settings
 from services.datasets.pool import add_to_pool
+from services.local import run_cycle_in_process
 from services.models import Cycle, CycleSelection, Project
 from services.projects import ProjectSpec, create_project
 from tests.conftest import Digits
@@ -37,7 +38,12 @@ def make_digits_project(
     batch_size: int = 20,
     retrain_min_new_labels: int = 20,
     label_budget: int | None = None,
+    gate: dict[str, object] | None = None,
 ) -> DigitsProject:
+    """gate: the project's promotion gate settings; by default no evaluation set, so tests of
+    the cycle's mechanics see every label in training (test_promotion covers the set)."""
+    if gate is None:
+        gate = {"eval_fraction": 0.0}
     folder.mkdir(parents=True, exist_ok=True)
     ids = np.array([f"d{i:04d}" for i in range(n_items)])
     np.savez(folder / "pool.npz", features=digits.features[:n_items], item_ids=ids)
@@ -59,6 +65,7 @@ def make_digits_project(
                 batch_size=batch_size,
                 retrain_min_new_labels=retrain_min_new_labels,
                 label_budget=label_budget,
+                gate=gate,
             ),
         )
         add_to_pool(
@@ -74,14 +81,7 @@ def make_digits_project(
 
 def run_stages(engine: sa.Engine, cycle_id: int, settings: Settings) -> None:
     """train -> every chunk -> select -> hand off -> ingest, as the tasks chain them."""
-    outcome = cycles.train_cycle(engine, cycle_id, settings)
-    select_next = outcome.select
-    for chunk_id in outcome.chunk_ids:
-        select_next = cycles.score_chunk(engine, chunk_id, settings, worker="test").select or (
-            select_next
-        )
-    if select_next and cycles.select_cycle(engine, cycle_id, settings):
-        cycles.ingest_events(engine, cycles.hand_off(engine, cycle_id, settings))
+    run_cycle_in_process(engine, cycle_id, settings)
 
 
 def cycle_row(engine: sa.Engine, cycle_id: int) -> Cycle:

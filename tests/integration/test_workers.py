@@ -6,6 +6,7 @@ with short leases and visibility timeout so recovery happens in seconds. The mac
 is never touched: the test process sends tasks through an app built for the private broker.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -318,6 +319,15 @@ def test_worker_and_beat_run_the_loop_end_to_end(
         wait_for(settled, timeout=120, what="the paused project to settle", logs=running)
     finally:
         running.stop()
+    # The worker's logs are JSON lines carrying the project, cycle and task they came from.
+    lines = [
+        json.loads(line) for line in running.log("worker").splitlines() if line.startswith("{")
+    ]
+    moved = [line for line in lines if line["message"] == f"cycle {second.id}: training -> scoring"]
+    assert len(moved) == 1
+    assert moved[0]["project"] == project.name
+    assert (moved[0]["cycle_id"], moved[0]["task"]) == (second.id, "focalloop.train")
+    assert len(moved[0]["task_id"]) == 36  # Celery's uuid
     picked = selected_items(engine, project.name)
     assert len(picked) == len(set(picked))  # no item selected twice
     with db.session_scope(engine) as session:

@@ -1,0 +1,105 @@
+"""Cycles: list, get, start, cancel."""
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request, status
+
+from services import cycles
+from services.api.deps import EngineDep, ReadDep, SessionDep, SettingsDep, WriteDep
+from services.api.routes.projects import ProjectName
+from services.api.schemas import ERRORS, CyclePublic
+from services.audit import record
+from services.db import session_scope
+from services.errors import Conflict
+from services.models import FINAL_CYCLE_STATES
+from services.projects import get_project
+from services.status import cycle_view, get_cycle, list_cycles
+
+router = APIRouter(prefix="/api/v1/projects/{project}/cycles", tags=["cycles"], responses=ERRORS)
+log = logging.getLogger(__name__)
+TRAIN_TASK = "focalloop.train"
+CycleId = Annotated[int, Path(ge=1, le=2**31 - 1)]
+
+
+@router.get("", response_model=list[CyclePublic])
+def list_recent(
+    project: ProjectName,
+    session: SessionDep,
+    _: ReadDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 20,
+    before_id: Annotated[
+        int | None, Query(ge=1, le=2**31 - 1, description="Page: ids below.")
+    ] = None,
+) -> list[CyclePublic]:
+    """Newest first: state, timeline, durations, chunk progress, failure reason."""
+    row = get_project(session, project)
+    return [
+        CyclePublic.of(view) for view in list_cycles(session, row, limit=limit, before_id=before_id)
+    ]
+
+
+@router.get("/{cycle_id}", response_model=CyclePublic)
+def get(project: ProjectName, cycle_id: CycleId, session: SessionDep, _: ReadDep) -> CyclePublic:
+    return CyclePublic.of(
+        cycle_view(session, get_cycle(session, get_project(session, project), cycle_id))
+    )
+
+
+@router.post(
+    "",
+    response_model=CyclePublic,
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={409: {"description": "the project already has an active cycle"}},
+)
+def start(
+    request: Request, project: ProjectName, engine: EngineDep, settings: SettingsDep, who: WriteDep
+) -> CyclePublic:
+    """Start a cycle now on the newest dataset version and enqueue its training. Refused for a
+    paused project or a spent budget (422) and while another cycle is active (409)."""
+    with session_scope(engine) as session:
+        cycle = cycles.start_cycle(
+            session, project, trigger=f"api ({who.actor})", settings=settings
+        )
+        record(
+            session,
+            actor=who.actor,
+            action="cycle.start",
+            project_id=cycle.project_id,
+            target=f"cycle:{cycle.id}",
+        )
+        cycle_id = cycle.id or 0
+    try:
+        request.app.state.celery.send_task(TRAIN_TASK, args=[cycle_id], queue="gpu", retry=False)
+    except Exception:
+        # The cycle is committed as pending; recover_stalled enqueues its training later.
+        log.warning("could not enqueue training of cycle %d; recovery will", cycle_id)
+    with session_scope(engine) as session:
+        return CyclePublic.of(
+            cycle_view(session, get_cycle(session, get_project(session, project), cycle_id))
+        )
+
+
+@router.post(
+    "/{cycle_id}/cancel",
+    response_model=CyclePublic,
+    responses={409: {"description": "the cycle already ended"}},
+)
+def cancel(
+    project: ProjectName, cycle_id: CycleId, session: SessionDep, who: WriteDep
+) -> CyclePublic:
+    """Cancel a running cycle: a pending one stops at once, a running one at its next
+    checkpoint (chunk start, end of training, selection, hand-off)."""
+    row = get_project(session, project)
+    cycle = get_cycle(session, row, cycle_id)
+    if cycle.state in FINAL_CYCLE_STATES:
+        raise Conflict(f"cycle {cycle_id} already ended ({cycle.state})")
+    cancelled = cycles.cancel_cycle(session, project)
+    record(
+        session,
+        actor=who.actor,
+        action="cycle.cancel",
+        project_id=row.id,
+        target=f"cycle:{cycle_id}",
+    )
+    return CyclePublic.of(cycle_view(session, cancelled))

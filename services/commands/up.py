@@ -1,0 +1,303 @@
+"""`focalloop up`: the whole loop on one machine, without Docker.
+
+Embedded defaults (a SQLite file and a local dataset store under the data dir), the API, one
+worker for both queues and beat, on a private `redis-server` (or REDIS_URL). Without Redis the
+loop runs in this process beside the API. `--with-label-studio` installs and starts a local
+Label Studio and connects the digits demo project to it.
+"""
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import httpx
+import sqlalchemy as sa
+import typer
+from pydantic import SecretStr
+from rich.console import Console
+from sqlmodel import select
+
+from services import labelstudio
+from services.config import (
+    Settings,
+    child_environment,
+    get_settings,
+    provide_secret,
+    redis_url_from_environment,
+)
+from services.db import engine_from_settings, session_scope
+from services.db import upgrade as upgrade_database
+from services.local import (
+    DEMO_PROJECT,
+    InProcessLoop,
+    ensure_admin_token,
+    ensure_demo_project,
+    ensure_webhook_secret,
+)
+from services.models import Project
+
+console = Console(soft_wrap=True)
+LABEL_STUDIO_TOKEN_ENV = "LABEL_STUDIO_TOKEN"
+FOCALLOOP = [sys.executable, "-m", "services.cli"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait_until_healthy(
+    url: str, processes: list[subprocess.Popen[bytes]], timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for process in processes:
+            if process.poll() is not None:
+                raise RuntimeError(f"{_name(process)} exited early (see the logs folder)")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {timeout_s:.0f} s")
+
+
+def _name(process: subprocess.Popen[bytes]) -> str:
+    args = process.args
+    return " ".join(str(a) for a in args) if isinstance(args, list) else str(args)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _terminate_on_sigterm() -> None:
+    """Treat SIGTERM like Ctrl-C, so `kill` stops the children as cleanly as a keypress."""
+
+    def interrupt(_signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def up(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="The API's port.")] = 8000,
+    with_label_studio: Annotated[
+        bool,
+        typer.Option(help="Install (once) and start a local Label Studio and connect the demo."),
+    ] = False,
+    label_studio_port: Annotated[int, typer.Option(min=1, max=65535)] = 8080,
+    demo: Annotated[
+        bool, typer.Option(help="Create the digits demo project on the first run.")
+    ] = True,
+) -> None:
+    """Run the whole loop on this machine until Ctrl-C (SQLite, local store, API, worker, beat)."""
+    base = get_settings()
+    data_dir = base.data_dir.expanduser().resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    sources = data_dir / "sources"
+    secret = (
+        base.webhook_secret.get_secret_value()
+        if base.webhook_secret
+        else ensure_webhook_secret(data_dir / "webhook-secret")
+    )
+    settings = base.model_copy(
+        update={
+            "data_dir": data_dir,
+            "webhook_secret": SecretStr(secret),
+            "api_url": f"http://127.0.0.1:{port}",
+            "source_roots": [*base.source_roots, f"file://{sources}"],
+        }
+    )
+    engine = engine_from_settings(settings)
+    upgrade_database(engine)
+    token_file = data_dir / "admin-token"
+    created_token = ensure_admin_token(engine, token_file)
+    logs = data_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    _terminate_on_sigterm()
+    with ExitStack() as cleanup:
+        label_studio_url = None
+        if with_label_studio:
+            from labeling.server import LocalLabelStudio, default_cache_dir, ensure_installed
+
+            console.print(
+                "Label Studio: installing once into ~/.cache/focalloop (a few minutes)..."
+            )
+            server = LocalLabelStudio(
+                ensure_installed(default_cache_dir()),
+                port=label_studio_port,
+                data_dir=data_dir / "label-studio",
+            )
+            console.print(f"Label Studio: starting on {server.url} (about a minute the first time)")
+            server.start()
+            cleanup.callback(server.stop)
+            provide_secret(LABEL_STUDIO_TOKEN_ENV, server.credentials.token)
+            label_studio_url = server.url
+        if demo:
+            ensure_demo_project(engine, settings, sources, simulated=not with_label_studio)
+            if label_studio_url is not None:
+                with session_scope(engine) as session:
+                    connected = session.exec(
+                        select(Project.labeler).where(Project.name == DEMO_PROJECT)
+                    ).one()
+                if (
+                    connected.get("kind") != labelstudio.KIND
+                    or connected.get("url") != label_studio_url
+                ):
+                    with session_scope(engine) as session:
+                        labelstudio.connect(
+                            session,
+                            DEMO_PROJECT,
+                            url=label_studio_url,
+                            token_env=LABEL_STUDIO_TOKEN_ENV,
+                            settings=settings,
+                        )
+
+        broker = redis_url_from_environment()
+        broker_note = f"REDIS_URL ({broker})" if broker else ""
+        if broker is None and shutil.which("redis-server"):
+            redis_port = _free_port()
+            (data_dir / "redis").mkdir(exist_ok=True)
+            redis = subprocess.Popen(
+                [
+                    "redis-server",
+                    "--port",
+                    str(redis_port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "yes",
+                    "--dir",
+                    str(data_dir / "redis"),
+                    "--daemonize",
+                    "no",
+                ],
+                stdout=(logs / "redis.log").open("ab"),
+                stderr=subprocess.STDOUT,
+            )
+            cleanup.callback(_stop, redis)
+            broker = f"redis://127.0.0.1:{redis_port}/0"
+            broker_note = (
+                f"a private redis-server on 127.0.0.1:{redis_port} "
+                f"(append-only, in {data_dir / 'redis'})"
+            )
+        api_url = f"http://127.0.0.1:{port}"
+        if broker is not None:
+            environment = child_environment(settings.model_copy(update={"broker_url": broker}))
+            children = []
+            for name, args in (
+                ("api", ["api", "--port", str(port)]),
+                (
+                    "worker",
+                    ["worker", "--queues", "gpu,io", "--concurrency", "2", "--hostname", "up@%h"],
+                ),
+                ("beat", ["beat", "--schedule", str(data_dir / "celerybeat-schedule")]),
+            ):
+                child = subprocess.Popen(
+                    [*FOCALLOOP, *args],
+                    env=environment,
+                    stdout=(logs / f"{name}.log").open("ab"),
+                    stderr=subprocess.STDOUT,
+                )
+                cleanup.callback(_stop, child)
+                children.append(child)
+            _wait_until_healthy(f"{api_url}/api/v1/health", children, timeout_s=60)
+            _summary(settings, api_url, token_file, created_token, broker_note, label_studio_url)
+            try:
+                while all(child.poll() is None for child in children):
+                    time.sleep(0.5)
+                failed = [c for c in children if c.poll() is not None]
+                console.print(f"[bold red]{_name(failed[0])} exited; see {logs}[/]")
+                raise typer.Exit(1)
+            except KeyboardInterrupt:
+                console.print("stopping...")
+        else:
+            in_process = settings.model_copy(update={"broker_url": "memory://"})
+            _summary(
+                settings,
+                api_url,
+                token_file,
+                created_token,
+                "none: no redis-server on the PATH and no REDIS_URL, so the loop runs in this "
+                "process (one cycle at a time, beside the API)",
+                label_studio_url,
+            )
+            _serve_in_process(in_process, engine, port)
+    engine.dispose()
+
+
+def _serve_in_process(settings: Settings, engine: sa.Engine, port: int) -> None:
+    import uvicorn
+
+    from services import logs
+    from services.api.app import create_app
+
+    # The terminal keeps the summary; the API's and the loop's lines go to the logs folder.
+    logs.configure(
+        settings.log_level,
+        fmt=settings.log_format,
+        path=settings.data_dir / "logs" / "up.log",
+    )
+    loop = InProcessLoop(engine, settings)
+    loop.start()
+    try:
+        uvicorn.run(
+            create_app(settings, engine=engine),
+            host="127.0.0.1",
+            port=port,
+            log_config=None,
+            access_log=False,
+        )
+    finally:
+        loop.stop()
+        loop.join(timeout=60)
+
+
+def _summary(
+    settings: Settings,
+    api_url: str,
+    token_file: Path,
+    created_token: bool,
+    broker_note: str,
+    label_studio_url: str | None,
+) -> None:
+    console.print(f"[bold]focalloop is up[/] (state and data in {settings.data_dir})")
+    console.print(f"  API        {api_url}/docs")
+    console.print(
+        f"  token      {'created: ' if created_token else ''}an admin token is in {token_file}"
+    )
+    console.print(f"  broker     {broker_note}")
+    if label_studio_url is not None:
+        console.print(
+            f"  labeling   Label Studio at {label_studio_url} (admin@focalloop.local / "
+            "focalloop-admin-password): project digits, tab 'Hardest first (focalloop)'"
+        )
+    else:
+        console.print("  labeling   a simulated annotator answers the digits project's tasks")
+    console.print(
+        f'  watch      curl -H "Authorization: Bearer $(cat {token_file})" '
+        f"{api_url}/api/v1/projects/{DEMO_PROJECT}/models"
+    )
+    console.print(f"  logs       {settings.data_dir / 'logs'} (JSON lines)")
+    console.print("Ctrl-C stops everything.")

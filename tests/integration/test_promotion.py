@@ -1,0 +1,226 @@
+"""The evaluation set and the promotion gate, through real cycles on the digits pool."""
+
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlmodel import col, select
+
+from services import db
+from services.audit import list_entries
+from services.config import Settings
+from services.cycles import start_cycle
+from services.datasets.snapshot import snapshot
+from services.datasets.store import open_store
+from services.datasets.versions import read_version
+from services.errors import Conflict, InvalidInput
+from services.models import (
+    Cycle,
+    CycleSelection,
+    Item,
+    ItemStatus,
+    ModelVersion,
+    Project,
+    Promotion,
+    utcnow,
+)
+from services.projects import get_project
+from services.promotion import INSUFFICIENT, make_current, reserve_eval_set
+from services.state import AnnotationInput, record_annotations
+from tests.conftest import Digits
+from tests.integration.cycle_helpers import cycle_row, make_digits_project, run_stages
+from tests.integration.test_cycles import start
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def cycle_settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"pool_shard_items": 200, "lease_s": 30.0})
+
+
+def _eval_ids(engine: sa.Engine, name: str) -> set[int]:
+    with db.session_scope(engine) as session:
+        project = get_project(session, name)
+        return {
+            item_id
+            for item_id in session.exec(
+                select(Item.id).where(Item.project_id == project.id, col(Item.eval_set).is_(True))
+            ).all()
+            if item_id is not None
+        }
+
+
+def _models(engine: sa.Engine, name: str) -> list[ModelVersion]:
+    with db.session_scope(engine) as session:
+        project = get_project(session, name)
+        return list(
+            session.exec(
+                select(ModelVersion)
+                .where(ModelVersion.project_id == project.id)
+                .order_by(col(ModelVersion.version))
+            ).all()
+        )
+
+
+def test_evaluation_items_go_first_are_never_trained_on_and_gate_promotion(
+    engine: sa.Engine, cycle_settings: Settings, digits: Digits, tmp_path: Path
+) -> None:
+    project = make_digits_project(
+        engine,
+        cycle_settings,
+        digits,
+        tmp_path,
+        gate={"eval_fraction": 0.1, "min_labels_per_class": 2, "recall_tolerance": 0.05},
+    )
+    first = start(engine, project.name, cycle_settings)
+    evaluation = _eval_ids(engine, project.name)
+    assert len(evaluation) == 60  # 10% of 600
+    for _ in range(7):
+        run_stages(engine, first, cycle_settings)
+        assert cycle_row(engine, first).state == "done"
+        first = start(engine, project.name, cycle_settings)
+    run_stages(engine, first, cycle_settings)
+    # Reserving again adds nothing: the set is at its size and only grows with the pool.
+    with db.session_scope(engine) as session:
+        assert reserve_eval_set(session, get_project(session, project.name), seed=99) == 0
+    assert _eval_ids(engine, project.name) == evaluation
+
+    with db.session_scope(engine) as session:
+        row = get_project(session, project.name)
+        selections = session.exec(
+            select(CycleSelection)
+            .join(Cycle, col(Cycle.id) == col(CycleSelection.cycle_id))
+            .where(Cycle.project_id == row.id)
+            .order_by(col(CycleSelection.cycle_id), col(CycleSelection.rank))
+        ).all()
+        eval_statuses = set(
+            session.exec(select(Item.status).where(col(Item.id).in_(evaluation))).all()
+        )
+    by_cycle: dict[int, list[CycleSelection]] = {}
+    for selection in selections:
+        by_cycle.setdefault(selection.cycle_id, []).append(selection)
+    # 10 evaluation items open each batch of 20 until all 60 are labeled (six cycles)...
+    assert [sum(s.evaluation for s in rows) for rows in by_cycle.values()] == [10] * 6 + [0] * 2
+    for rows in by_cycle.values():
+        flags = [s.evaluation for s in rows]
+        assert flags == sorted(flags, reverse=True)  # evaluation picks first
+        assert all((s.item_id in evaluation) == s.evaluation for s in rows)  # none by strategy
+        assert all(s.predicted_label is None for s in rows if s.evaluation)
+    assert eval_statuses == {ItemStatus.LABELED}
+
+    # ...and no model trains on them: trained + validation items = the version's other rows.
+    store = open_store(f"file://{tmp_path / 'store'}", cycle_settings)
+    models = _models(engine, project.name)
+    assert len(models) >= 3
+    with db.session_scope(engine) as session:
+        external_eval = set(
+            session.exec(select(Item.external_id).where(col(Item.id).in_(evaluation))).all()
+        )
+    for model in models:
+        _, table = read_version(store, project.name, model.dataset_version)
+        training_rows = [e for e in table["item_id"].to_pylist() if e not in external_eval]
+        assert model.metrics["trained_items"] + model.metrics["validation_items"] == len(
+            training_rows
+        )
+        counts = model.metrics["evaluation_labels"]
+        if min(counts.values()) < 2:
+            assert str(model.promotion_reason).startswith(INSUFFICIENT)
+            assert model.promotion == Promotion.RETIRED or model is models[-1]
+    newest = models[-1]
+    true_eights = sum(int(digits.labels[int(e[1:])] == 8) for e in external_eval)
+    assert newest.metrics["evaluation_labels"] == {"other": 60 - true_eights, "eight": true_eights}
+    assert newest.metrics["evaluation"]["n_items"] == 60
+    assert newest.promotion == Promotion.CURRENT
+    assert str(newest.promotion_reason).startswith("promoted: macro-F1 ")
+    for model in models[:-1]:
+        # Earlier models were replaced, or refused by the gate (a 60-item evaluation set with a
+        # handful of eights rejects a model that misses one of them), never left as candidates.
+        assert model.promotion in (Promotion.RETIRED, Promotion.REJECTED)
+        assert str(model.promotion_reason).startswith(
+            "rejected: " if model.promotion == Promotion.REJECTED else ("promoted", INSUFFICIENT)
+        )
+
+    # A model trained on sabotaged labels (all training "eight"s but one relabeled "other", so
+    # two classes remain) loses the rare class's recall: the gate rejects it and the current
+    # model goes on scoring.
+    with db.session_scope(engine) as session:
+        row = get_project(session, project.name)
+        eights = [
+            item_id
+            for item_id in session.exec(
+                select(Item.id).where(
+                    Item.project_id == row.id,
+                    Item.label == "eight",
+                    col(Item.eval_set).is_(False),
+                )
+            ).all()
+            if item_id is not None
+        ]
+        assert len(eights) >= 3
+        record_annotations(
+            session,
+            [
+                AnnotationInput(
+                    item_id=item_id,
+                    label="other",
+                    source="cli",
+                    external_id=f"sabotage-{item_id}",
+                    updated_at=utcnow(),
+                    annotator="saboteur",
+                )
+                for item_id in sorted(eights)[1:]
+            ],
+        )
+        snapshot(session, row, settings=cycle_settings)
+        sabotaged = start_cycle(session, project.name, trigger="test", settings=cycle_settings)
+        sabotaged_id = sabotaged.id or 0
+    run_stages(engine, sabotaged_id, cycle_settings)
+    models = _models(engine, project.name)
+    rejected, kept = models[-1], models[-2]
+    assert kept.version == newest.version
+    assert (rejected.promotion, kept.promotion) == (Promotion.REJECTED, Promotion.CURRENT)
+    assert str(rejected.promotion_reason).startswith("rejected: recall dropped by more than 0.050 ")
+    assert "eight recall" in str(rejected.promotion_reason)
+    assert (
+        rejected.metrics["evaluation"]["per_class"][1]["recall"]
+        < kept.metrics["evaluation"]["per_class"][1]["recall"]
+    )
+    done = cycle_row(engine, sabotaged_id)
+    assert (done.state, done.model_version) == ("done", kept.version)
+    with db.session_scope(engine) as session:
+        scored_by = set(
+            session.exec(
+                select(CycleSelection.model_version).where(
+                    CycleSelection.cycle_id == sabotaged_id,
+                    col(CycleSelection.evaluation).is_(False),
+                )
+            ).all()
+        )
+    assert scored_by == {kept.version}
+
+    # People can override the gate and roll back; both are audited with who did it.
+    with db.session_scope(engine) as session, pytest.raises(InvalidInput, match="newer"):
+        make_current(
+            session, project.name, rejected.version, actor="cli:bob", action="model.rollback"
+        )
+    with db.session_scope(engine) as session:
+        make_current(
+            session, project.name, rejected.version, actor="cli:alice", action="model.promote"
+        )
+    with db.session_scope(engine) as session, pytest.raises(Conflict):
+        make_current(
+            session, project.name, rejected.version, actor="cli:alice", action="model.promote"
+        )
+    with db.session_scope(engine) as session:
+        make_current(session, project.name, kept.version, actor="cli:bob", action="model.rollback")
+    models = _models(engine, project.name)
+    assert [m.promotion for m in models[-2:]] == [Promotion.CURRENT, Promotion.RETIRED]
+    assert str(models[-2].promotion_reason).startswith("rolled back by cli:bob")
+    with db.session_scope(engine) as session:
+        row = session.exec(select(Project).where(Project.name == project.name)).one()
+        entries = list_entries(session, project_id=row.id)
+    assert [(e.actor, e.action, e.target) for e in entries] == [
+        ("cli:bob", "model.rollback", f"model:m{kept.version}"),
+        ("cli:alice", "model.promote", f"model:m{rejected.version}"),
+    ]
