@@ -46,11 +46,11 @@ from labeling.gateway import LabelStudioGateway
 from labeling.payloads import label_config
 from labeling.server import LocalLabelStudio, default_cache_dir, ensure_installed
 from services import db, labelstudio
-from services.bench.scoring import free_port
 from services.config import Settings, child_environment, process_environment, provide_secret
 from services.datasets.pool import add_to_pool
 from services.models import Annotation, Item, ItemStatus, LabelTask, LabelTaskState
 from services.projects import ProjectSpec, create_project, get_project
+from services.servers import free_port
 
 FOCALLOOP = str(Path(sys.executable).with_name("focalloop"))
 TOKEN_ENV = "FOCALLOOP_BENCH_LABEL_STUDIO_TOKEN"

@@ -17,7 +17,6 @@ x workers / chunks: the worker time each chunk costs beyond the in-process pipel
 
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import redis
 import sqlalchemy as sa
 import torch
 from celery import Celery
@@ -57,6 +55,7 @@ from services.models import (
     ScoreChunk,
 )
 from services.projects import ProjectSpec, create_project
+from services.servers import RedisServer, free_port
 from services.state import create_cycle, transition_cycle
 
 LABELS = [f"class-{i}" for i in range(10)]
@@ -78,14 +77,6 @@ class ScoreBenchRow:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (for the private servers a benchmark starts)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _register(
@@ -230,26 +221,11 @@ def run_score_bench(
         names = {size: _register(engine, settings, folder, features, size) for size in sizes}
         for name in names.values():
             _install_model(engine, settings, name, spec)
-        redis_server = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
+        redis_server = RedisServer(folder / "redis", port=redis_port, append_only=False)
         env = child_environment(settings.model_copy(update={"torch_threads": 1}))
         worker = None
         try:
-            _wait_for_redis(redis_port)
+            redis_server.start()
             worker = subprocess.Popen(
                 [
                     FOCALLOOP,
@@ -289,20 +265,8 @@ def run_score_bench(
                 os.killpg(worker.pid, signal.SIGTERM)
                 worker.wait(timeout=60)
             redis_server.kill()
-            redis_server.wait()
             engine.dispose()
     return rows
-
-
-def _wait_for_redis(port: int) -> None:
-    client = redis.Redis(port=port)
-    for _ in range(200):
-        try:
-            if client.ping():
-                return
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    raise InvalidInput(f"redis-server on port {port} did not start")
 
 
 def _bench_size(

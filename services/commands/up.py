@@ -41,19 +41,11 @@ from services.local import (
     ensure_webhook_secret,
 )
 from services.models import Project
+from services.servers import RedisServer
 
 console = Console(soft_wrap=True)
 LABEL_STUDIO_TOKEN_ENV = "LABEL_STUDIO_TOKEN"
 FOCALLOOP = [sys.executable, "-m", "services.cli"]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _wait_until_healthy(
@@ -175,31 +167,12 @@ def up(
         broker = redis_url_from_environment()
         broker_note = f"REDIS_URL ({broker})" if broker else ""
         if broker is None and shutil.which("redis-server"):
-            redis_port = _free_port()
-            (data_dir / "redis").mkdir(exist_ok=True)
-            redis = subprocess.Popen(
-                [
-                    "redis-server",
-                    "--port",
-                    str(redis_port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "yes",
-                    "--dir",
-                    str(data_dir / "redis"),
-                    "--daemonize",
-                    "no",
-                ],
-                stdout=(logs / "redis.log").open("ab"),
-                stderr=subprocess.STDOUT,
-            )
-            cleanup.callback(_stop, redis)
-            broker = f"redis://127.0.0.1:{redis_port}/0"
+            redis_server = RedisServer(data_dir / "redis", append_only=True)
+            redis_server.start()
+            cleanup.callback(redis_server.stop)
+            broker = redis_server.url
             broker_note = (
-                f"a private redis-server on 127.0.0.1:{redis_port} "
+                f"a private redis-server on 127.0.0.1:{redis_server.port} "
                 f"(append-only, in {data_dir / 'redis'})"
             )
         api_url = f"http://127.0.0.1:{port}"

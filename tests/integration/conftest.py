@@ -23,6 +23,7 @@ from sqlmodel import SQLModel
 from services import db
 from services.config import Settings
 from services.datasets.store import DatasetStore, open_store
+from services.servers import RedisServer
 
 ADMIN_PG_URL = os.environ.get(
     "FOCALLOOP_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -151,3 +152,27 @@ def settings(s3_endpoint: str, tmp_path: Path) -> Settings:
 @pytest.fixture
 def store(store_url: str, settings: Settings) -> DatasetStore:
     return open_store(store_url, settings, create=True)
+
+
+class PrivateRedis(RedisServer):
+    """A redis-server of this test's own: append-only like the deployment's, on a free port."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder, append_only=True)
+
+    def start(self, *, timeout_s: float = 10.0) -> None:
+        try:
+            super().start(timeout_s=timeout_s)
+        except FileNotFoundError:
+            unavailable("redis-server is not installed")
+        except RuntimeError as error:
+            unavailable(str(error))
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path / "redis")
+    server.start()
+    yield server
+    if server.process is not None and server.process.poll() is None:
+        server.kill()

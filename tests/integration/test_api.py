@@ -25,9 +25,8 @@ from services.projects import get_project
 from services.status import HUMAN_SOURCES, headline_report
 from tests.conftest import Digits
 from tests.integration.api_harness import Api
-from tests.integration.conftest import unique_name
+from tests.integration.conftest import PrivateRedis, unique_name
 from tests.integration.cycle_helpers import run_stages
-from tests.integration.test_workers import PrivateRedis
 
 pytestmark = pytest.mark.slow
 
@@ -43,15 +42,6 @@ def api_settings(settings: Settings, private_redis: PrivateRedis, tmp_path: Path
             "lease_s": 30.0,
         }
     )
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path / "redis")
-    server.start()
-    yield server
-    if server.process is not None and server.process.poll() is None:
-        server.kill()
 
 
 @pytest.fixture

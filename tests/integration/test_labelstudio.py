@@ -38,7 +38,7 @@ from services.models import (
 )
 from services.projects import ProjectSpec, create_project, get_project
 from tests.conftest import Digits
-from tests.integration.conftest import free_port, unique_name
+from tests.integration.conftest import PrivateRedis, free_port, unique_name
 from tests.integration.cycle_helpers import make_digits_project, run_stages
 from tests.integration.ls_harness import (
     TOKEN_ENV,
@@ -50,7 +50,6 @@ from tests.integration.ls_harness import (
     ls_token,
     wait_for,
 )
-from tests.integration.test_workers import PrivateRedis
 
 __all__ = ["annotator", "label_studio", "ls_token"]  # fixtures, used by name
 

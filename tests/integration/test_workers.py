@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 import sqlalchemy as sa
 from celery import Celery
 from sqlmodel import col, select
@@ -29,7 +28,7 @@ from services.datasets.pool import add_to_pool
 from services.models import Cycle, ScoreChunk
 from services.projects import get_project, pool_counts, set_paused
 from tests.conftest import Digits
-from tests.integration.conftest import free_port, unavailable
+from tests.integration.conftest import PrivateRedis
 from tests.integration.cycle_helpers import (
     DigitsProject,
     cycle_row,
@@ -40,66 +39,6 @@ from tests.integration.cycle_helpers import (
 from workers.app import create_app
 
 FOCALLOOP = str(Path(sys.executable).with_name("focalloop"))
-
-
-class PrivateRedis:
-    """A redis-server of this test's own: append-only like the deployment's, on a free port."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        folder.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        try:
-            self.process = subprocess.Popen(
-                [
-                    "redis-server",
-                    "--port",
-                    str(self.port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "yes",
-                    "--dir",
-                    str(self.folder),
-                    "--daemonize",
-                    "no",
-                ],
-                stdout=(self.folder / "redis.log").open("ab"),
-                stderr=subprocess.STDOUT,
-            )
-        except FileNotFoundError:
-            unavailable("redis-server is not installed")
-        client = redis.Redis(port=self.port)
-        for _ in range(100):
-            try:
-                if client.ping():
-                    return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        unavailable(f"private redis-server on port {self.port} did not answer")
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait(timeout=10)
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path / "redis")
-    server.start()
-    yield server
-    if server.process is not None and server.process.poll() is None:
-        server.kill()
 
 
 @dataclass

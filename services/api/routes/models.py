@@ -120,13 +120,14 @@ async def predict(
                 inputs = load_items(session, row, [ids[i] for i in body.item_ids], settings)
                 names = list(body.item_ids)
             else:
+                rows = body.features or []
                 if row.modality != "features":
                     raise InvalidInput("feature rows can only be scored for a features project")
-                inputs = np.asarray(body.features, dtype=np.float32)
-                if inputs.ndim != 2 or inputs.shape[1] != row.feature_dim:
+                if any(len(values) != row.feature_dim for values in rows):
                     raise InvalidInput(
                         f"each feature row needs {row.feature_dim} values (the pool's width)"
                     )
+                inputs = np.asarray(rows, dtype=np.float32)
                 if not np.all(np.isfinite(inputs)):
                     raise InvalidInput("feature values must be finite numbers")
                 names = [None] * len(inputs)

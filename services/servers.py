@@ -1,0 +1,75 @@
+"""Private helper servers on loopback: a free port, and a `redis-server` of our own (for
+`focalloop up`, the benchmarks and the tests' fault drills, which must never touch the
+machine's shared Redis)."""
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from services.config import process_environment
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """`redis-server` on 127.0.0.1:`port`, its files and log in `folder`. `append_only` keeps
+    queued tasks across a restart of the server (what the deployment runs with)."""
+
+    def __init__(self, folder: Path, *, port: int | None = None, append_only: bool = True) -> None:
+        self.folder = folder
+        self.port = port or free_port()
+        self.append_only = append_only
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, *, timeout_s: float = 10.0) -> None:
+        """Start it and wait until it answers PING. FileNotFoundError when the binary is not on
+        the PATH; RuntimeError when it does not answer in time."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [
+                *("redis-server", "--port", str(self.port), "--bind", "127.0.0.1"),
+                *("--save", "", "--appendonly", "yes" if self.append_only else "no"),
+                *("--dir", str(self.folder), "--daemonize", "no"),
+            ],
+            env=process_environment(),
+            stdout=(self.folder / "redis.log").open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if client.ping():
+                    return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"redis-server on port {self.port} did not answer in {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        """Shut it down cleanly (SIGTERM; an append-only file is flushed)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, for fault drills."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
