@@ -59,17 +59,6 @@ def make_engine(url: str, *, busy_timeout_ms: int = 15_000) -> sa.Engine:
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
-        # Transactions are begun by the listener below, not by the sqlite3 module.
-        dbapi_connection.isolation_level = None
-
-    @sa.event.listens_for(engine, "begin")
-    def _begin_immediate(connection: sa.Connection) -> None:
-        # A deferred transaction that reads and then writes fails at once with "database is
-        # locked" (no busy wait) when another connection committed in between: its WAL snapshot
-        # is stale. Taking the write lock at BEGIN makes concurrent writers (API, worker, beat,
-        # `up`'s in-process loop) wait their turn for up to the busy timeout instead.
-        if connection.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 
