@@ -173,6 +173,29 @@ class InProcessLoop(threading.Thread):
             if self.stopping.is_set():
                 return
             run_cycle_in_process(self.engine, cycle_id or 0, self.settings)
-        labelstudio.ingest_pending(self.engine)
+        self.recover()
         if sync:
             labelstudio.reconcile_all(self.engine, self.settings)
+
+    def recover(self) -> None:
+        """Finish what an earlier pass left half done (a stage that raised, e.g. SQLite busy
+        while the API wrote): beat's `recover_stalled` decides, and the stages run here
+        instead of being enqueued. Every stage is idempotent, as for redelivered messages."""
+        recovery = cycles.recover_stalled(self.engine, self.settings)
+        for cycle_id in recovery.train_cycle_ids:
+            run_cycle_in_process(self.engine, cycle_id, self.settings)
+        for chunk_id in recovery.chunk_ids:
+            outcome = cycles.score_chunk(self.engine, chunk_id, self.settings, worker="in-process")
+            if outcome.select and outcome.cycle_id is not None:
+                recovery.select_cycle_ids.append(outcome.cycle_id)
+        for cycle_id in recovery.select_cycle_ids:
+            if cycles.select_cycle(self.engine, cycle_id, self.settings):
+                recovery.hand_off_cycle_ids.append(cycle_id)
+        for cycle_id in recovery.hand_off_cycle_ids:
+            cycles.hand_off(self.engine, cycle_id, self.settings)
+        # No message is ever in flight here, so every unprocessed event is this loop's to ingest
+        # (simulated answers and Label Studio webhooks alike).
+        with session_scope(self.engine) as session:
+            waiting = cycles.pending_events(session)
+        if waiting:
+            cycles.ingest_events(self.engine, waiting)
