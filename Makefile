@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_CPU ?= torch==2.13.0
 STAMP := $(VENV)/.focalloop-installed
 
-.PHONY: install demo lint typecheck pytest test clean
+.PHONY: install demo lint typecheck architecture pytest test clean
 
 install: $(STAMP)
 
@@ -33,10 +33,15 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
+# Import directions (pyproject's [tool.importlinter]) and dead code.
+architecture: install
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/vulture services workers labeling tests --min-confidence 100
+
 pytest: install
 	$(VENV)/bin/pytest
 
-test: lint typecheck pytest
+test: lint typecheck architecture pytest
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis demo-output bench-output

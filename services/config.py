@@ -159,6 +159,15 @@ class Settings(BaseSettings):
         default=500, ge=1, le=10_000, description="Tasks per import request."
     )
 
+    gpu_queue_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Pool processes of a worker serving the gpu queue on a host without a GPU (or with "
+            "FOCALLOOP_DEVICE=cpu); None = one per CPU core. With GPUs it is one per GPU."
+        ),
+    )
+
     debug_chunk_delay_s: float = Field(
         default=0.0,
         ge=0,
@@ -206,6 +215,17 @@ def redis_url_from_environment() -> str | None:
     """REDIS_URL, the conventional name a platform gives its Redis; `focalloop up` uses it as
     the broker instead of starting its own redis-server. None when unset or empty."""
     return os.environ.get("REDIS_URL") or None
+
+
+def visible_gpu_setting() -> str | None:
+    """CUDA_VISIBLE_DEVICES as the environment gives it (None when unset)."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def pin_visible_gpu(gpu: str) -> None:
+    """Make `gpu` the only GPU this process (and what it starts) can see: a gpu worker's pool
+    process calls it before CUDA is first used, so "cuda" means its own device."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu
 
 
 def provide_secret(variable: str, value: str) -> None:

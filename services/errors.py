@@ -34,6 +34,11 @@ class NonFiniteLossError(PermanentError):
         self.value = value
 
 
+class DeviceUnavailable(PermanentError):  # noqa: N818 (reads as "the device is unavailable")
+    """The configured device (FOCALLOOP_DEVICE) does not exist on this machine: training and
+    scoring refuse at once rather than silently running somewhere else."""
+
+
 class CheckpointError(InvalidInput):
     """A checkpoint's weights, sidecar or architecture disagree: refused, never guessed at."""
 

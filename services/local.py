@@ -1,14 +1,9 @@
 """The whole loop on one machine, without Docker (`focalloop up`): the embedded defaults'
-bootstrap (schema, an admin token, a webhook secret), the digits demo project, and the
-in-process runner used when no Redis is at hand.
-
-The in-process runner drives the same service functions the Celery tasks call, in the order the
-tasks chain them, so a cycle run here leaves exactly the rows a distributed one would.
-"""
+bootstrap (an admin token, a webhook secret) and the digits demo project. Without Redis, `up`
+runs the loop with `services.cycle.runner.InProcessLoop`."""
 
 import logging
 import secrets
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +12,14 @@ import pyarrow.csv as pacsv
 import sqlalchemy as sa
 from PIL import Image
 from sklearn.datasets import load_digits
-from sqlmodel import col, select
+from sqlmodel import select
 
-from services import cycles, labelstudio
+from labeling.simulated import set_simulated_labeler
 from services.auth import create_token
 from services.config import Settings
 from services.datasets.pool import add_to_pool
 from services.db import session_scope
-from services.models import Cycle, CycleState, Project
+from services.models import Project
 from services.projects import ProjectSpec, create_project
 
 log = logging.getLogger(__name__)
@@ -117,85 +112,5 @@ def ensure_demo_project(
             trusted_roots=[f"file://{sources}"],
         )
         if simulated:
-            cycles.set_simulated_labeler(session, DEMO_PROJECT, truth, settings, annotator="sim")
+            set_simulated_labeler(session, DEMO_PROJECT, truth, settings, annotator="sim")
     return True
-
-
-def run_cycle_in_process(engine: sa.Engine, cycle_id: int, settings: Settings) -> None:
-    """train -> every chunk -> select -> hand off -> ingest, as the Celery tasks chain them."""
-    outcome = cycles.train_cycle(engine, cycle_id, settings)
-    select_next = outcome.select
-    for chunk_id in outcome.chunk_ids:
-        chunk = cycles.score_chunk(engine, chunk_id, settings, worker="in-process")
-        select_next = chunk.select or select_next
-    if select_next and cycles.select_cycle(engine, cycle_id, settings):
-        cycles.ingest_events(engine, cycles.hand_off(engine, cycle_id, settings))
-
-
-class InProcessLoop(threading.Thread):
-    """Beat and one worker in a thread: every `schedule_interval_s` it starts the cycles that
-    are due and runs every pending one (those the API started too), ingests stored labeling
-    events, and reconciles Label Studio projects on their own interval."""
-
-    def __init__(self, engine: sa.Engine, settings: Settings) -> None:
-        super().__init__(name="focalloop-in-process-loop", daemon=True)
-        self.engine = engine
-        self.settings = settings
-        self.stopping = threading.Event()
-
-    def stop(self) -> None:
-        self.stopping.set()
-
-    def run(self) -> None:
-        since_sync = self.settings.label_studio_sync_interval_s  # reconcile on the first pass
-        while not self.stopping.is_set():
-            try:
-                self.step(sync=since_sync >= self.settings.label_studio_sync_interval_s)
-            except Exception:
-                # One failed pass (a store or Label Studio unreachable) must not end the loop.
-                log.exception("in-process loop pass failed; trying again")
-            if since_sync >= self.settings.label_studio_sync_interval_s:
-                since_sync = 0.0
-            since_sync += self.settings.schedule_interval_s
-            self.stopping.wait(self.settings.schedule_interval_s)
-
-    def step(self, *, sync: bool) -> None:
-        cycles.start_due_cycles(self.engine, self.settings)
-        with session_scope(self.engine) as session:
-            pending = list(
-                session.exec(
-                    select(Cycle.id)
-                    .where(Cycle.state == CycleState.PENDING)
-                    .order_by(col(Cycle.id))
-                ).all()
-            )
-        for cycle_id in pending:
-            if self.stopping.is_set():
-                return
-            run_cycle_in_process(self.engine, cycle_id or 0, self.settings)
-        self.recover()
-        if sync:
-            labelstudio.reconcile_all(self.engine, self.settings)
-
-    def recover(self) -> None:
-        """Finish what an earlier pass left half done (a stage that raised, e.g. SQLite busy
-        while the API wrote): beat's `recover_stalled` decides, and the stages run here
-        instead of being enqueued. Every stage is idempotent, as for redelivered messages."""
-        recovery = cycles.recover_stalled(self.engine, self.settings)
-        for cycle_id in recovery.train_cycle_ids:
-            run_cycle_in_process(self.engine, cycle_id, self.settings)
-        for chunk_id in recovery.chunk_ids:
-            outcome = cycles.score_chunk(self.engine, chunk_id, self.settings, worker="in-process")
-            if outcome.select and outcome.cycle_id is not None:
-                recovery.select_cycle_ids.append(outcome.cycle_id)
-        for cycle_id in recovery.select_cycle_ids:
-            if cycles.select_cycle(self.engine, cycle_id, self.settings):
-                recovery.hand_off_cycle_ids.append(cycle_id)
-        for cycle_id in recovery.hand_off_cycle_ids:
-            cycles.hand_off(self.engine, cycle_id, self.settings)
-        # No message is ever in flight here, so every unprocessed event is this loop's to ingest
-        # (simulated answers and Label Studio webhooks alike).
-        with session_scope(self.engine) as session:
-            waiting = cycles.pending_events(session)
-        if waiting:
-            cycles.ingest_events(self.engine, waiting)

@@ -159,12 +159,17 @@ class Project(SQLModel, table=True):
     gate: dict[str, Any] = Field(
         default_factory=dict,
         sa_type=sa.JSON,
-        description="Promotion gate and evaluation set settings (services.promotion.GateConfig).",
+        description="Promotion gate and evaluation set settings (services.gate.GateConfig).",
     )
     labeler: dict[str, Any] = Field(
         default_factory=lambda: {"kind": "none"},
         sa_type=sa.JSON,
-        description="Who answers hand-offs: {kind: none | simulated, ...}.",
+        description="Who answers hand-offs: {kind: none | simulated | label_studio, ...}.",
+    )
+    seed: int = Field(
+        default=0,
+        description="Every random choice of the project's cycles derives from it (with the "
+        "cycle's number), so a run is reproducible.",
     )
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
@@ -292,10 +297,12 @@ class Cycle(SQLModel, table=True):
             sqlite_where=sa.text("state NOT IN ('done', 'failed', 'cancelled')"),
             postgresql_where=sa.text("state NOT IN ('done', 'failed', 'cancelled')"),
         ),
+        sa.UniqueConstraint("project_id", "number", name="uq_cycle_number"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
     project_id: int = Field(foreign_key="project.id", index=True)
+    number: int = Field(description="1, 2, 3... within the project; seeds derive from it.")
     state: str = Field(default=CycleState.PENDING, max_length=16)
     trigger: str = Field(max_length=200, description="Why it started (cli, new labels, cron).")
     dataset_version: int | None = Field(default=None)

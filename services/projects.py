@@ -11,9 +11,11 @@ from sqlmodel import Session, col, func, select
 from services.config import Settings
 from services.datasets.store import StoreUrl
 from services.errors import Conflict, InvalidInput, NotFound
-from services.loop import SelectionConfig, default_loop_config
+from services.gate import GateConfig
 from services.ml.train import LossSpec
 from services.models import Item, ItemStatus, Project, utcnow
+from services.recipe import default_recipe
+from services.selection.config import SelectionConfig
 
 # Lowercase letters, digits and hyphens, 3-40 characters (Label Studio wants >= 3), starting
 # and ending with a letter or digit so the name is also a safe store key segment.
@@ -77,17 +79,23 @@ class ProjectSpec:
     retrain_min_new_labels: int = 100
     retrain_cron: str | None = None
     gate: dict[str, Any] | None = None
+    seed: int = 0
+
+
+def check_seed(seed: int) -> int:
+    """A project seed: every random choice of its cycles derives from it."""
+    if not 0 <= seed < 2**31:
+        raise InvalidInput(f"seed must be in [0, 2**31), got {seed}")
+    return seed
 
 
 def _checked_gate(gate: dict[str, Any] | None, labels: list[str]) -> dict[str, Any]:
-    from services.promotion import GateConfig  # promotion builds on projects
-
     return GateConfig.from_dict(dict(gate or {}), labels).to_dict()
 
 
 def _checked_loss(loss: dict[str, Any] | None, n_classes: int) -> dict[str, Any]:
     try:
-        spec = default_loop_config().loss if loss is None else LossSpec.from_dict(loss)
+        spec = default_recipe().loss if loss is None else LossSpec.from_dict(loss)
         # Building the loss runs its own checks (gamma >= 0, alpha length, scheme names).
         spec.build([1] * n_classes)
     except (TypeError, ValueError) as error:
@@ -130,6 +138,7 @@ def create_project(session: Session, spec: ProjectSpec) -> Project:
         retrain_min_new_labels=spec.retrain_min_new_labels,
         retrain_cron=check_cron(spec.retrain_cron) if spec.retrain_cron else None,
         gate=_checked_gate(spec.gate, labels),
+        seed=check_seed(spec.seed),
     )
     session.add(project)
     try:
@@ -247,6 +256,7 @@ def update_project(
     loss: dict[str, Any] | None = None,
     selection: dict[str, Any] | None = None,
     gate: dict[str, Any] | None = None,
+    seed: int | None = None,
 ) -> Project:
     """Change a project's settings; arguments left None stay as they are. The label set may
     only grow (see `extend_labels`). `loss`, `selection` and `gate` are merged into the current
@@ -276,6 +286,8 @@ def update_project(
         ).to_dict()
     if gate is not None:
         project.gate = _checked_gate({**project.gate, **gate}, list(project.labels))
+    if seed is not None:
+        project.seed = check_seed(seed)
     project.updated_at = utcnow()
     session.add(project)
     session.flush()

@@ -1,6 +1,6 @@
 """Readiness: can this deployment reach what the loop needs? Each dependency is checked and
-reported on its own (the database, the broker, every project's dataset store, every connected
-Label Studio), with a short reason when it fails."""
+reported on its own (the database, the broker, every project's dataset store, every project's
+labeling tool), with a short reason when it fails."""
 
 from dataclasses import dataclass
 
@@ -8,7 +8,7 @@ import redis
 import sqlalchemy as sa
 from sqlmodel import Session, select
 
-from services import labelstudio
+from labeling.registry import labeler_for
 from services.config import Settings
 from services.datasets.store import open_store
 from services.errors import FocalloopError
@@ -67,20 +67,18 @@ def check_stores(session: Session, settings: Settings) -> Check:
     return Check(True, f"{len(urls)} store(s) reachable")
 
 
-def check_label_studio(session: Session, settings: Settings) -> Check:
-    """Every connected Label Studio accepts its project's token."""
-    names = labelstudio.connected_projects(session)
+def check_labelers(session: Session, settings: Settings) -> Check:
+    """Every project's labeling tool (Label Studio: its token is accepted) can be reached."""
     failures = []
-    for name in names:
-        project = session.exec(select(Project).where(Project.name == name)).one()
-        link = labelstudio.LabelStudioLink.of(project)
+    tools = 0
+    for project in session.exec(select(Project).order_by(Project.name)).all():
         try:
-            quick = settings.model_copy(update={"label_studio_timeout_s": CHECK_TIMEOUT_S})
-            labelstudio.gateway(link, quick).whoami()
+            tools += labeler_for(project).check(project, settings)
         except FocalloopError as error:
-            failures.append(f"{name}: {_short(error)}")
+            tools += 1
+            failures.append(f"{project.name}: {_short(error)}")
     if failures:
         return Check(False, "; ".join(failures)[:1000])
-    if not names:
-        return Check(True, "no project is connected")
-    return Check(True, f"{len(names)} project(s) connected")
+    if not tools:
+        return Check(True, "no project is connected to a labeling tool")
+    return Check(True, f"{tools} project(s) connected")

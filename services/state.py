@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 
 from services.errors import Conflict, IllegalTransition, InvalidInput, NotFound
 from services.models import (
@@ -417,11 +417,14 @@ def transition_cycle(
 
 
 def create_cycle(session: Session, *, project_id: int, trigger: str) -> Cycle:
-    """A new pending cycle. The database's partial unique index allows one non-final cycle per
-    project, so two concurrent starts cannot both succeed: the loser gets Conflict."""
+    """A new pending cycle, numbered after the project's last one. The database's partial
+    unique index allows one non-final cycle per project (and the number is unique per project),
+    so two concurrent starts cannot both succeed: the loser gets Conflict."""
     now = utcnow()
+    last = session.exec(select(func.max(Cycle.number)).where(Cycle.project_id == project_id)).one()
     cycle = Cycle(
         project_id=project_id,
+        number=(last or 0) + 1,
         trigger=trigger,
         timeline=[{"state": str(CycleState.PENDING), "at": now.isoformat()}],
         created_at=now,

@@ -46,6 +46,30 @@ class CycleView:
     items_scored: int
     scoring_items_per_s: float | None
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly: what `focalloop cycle status --json` prints (the API renders the same
+        view as its CyclePublic)."""
+        cycle = self.cycle
+        return {
+            "id": cycle.id,
+            "number": cycle.number,
+            "state": cycle.state,
+            "trigger": cycle.trigger,
+            "dataset_version": cycle.dataset_version,
+            "model_version": cycle.model_version,
+            "chunks": f"{cycle.chunks_done}/{cycle.chunks_total}"
+            if cycle.chunks_total is not None
+            else None,
+            "items_scored": self.items_scored,
+            "selected": cycle.selected_count,
+            "cold_start_picks": cycle.cold_start_picks,
+            "failure_reason": cycle.failure_reason,
+            "cancel_requested": cycle.cancel_requested,
+            "timeline": list(cycle.timeline),
+            "durations_s": self.durations_s,
+            "duration_s": self.duration_s,
+        }
+
 
 def _parse(moment: str) -> datetime:
     return datetime.fromisoformat(moment)

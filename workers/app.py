@@ -43,8 +43,8 @@ def create_app(settings: Settings) -> Celery:
                 "task": "focalloop.maybe_start_cycles",
                 "schedule": timedelta(seconds=settings.schedule_interval_s),
             },
-            "sync-label-studio": {
-                "task": "focalloop.sync_label_studio",
+            "reconcile-labelers": {
+                "task": "focalloop.reconcile_labelers",
                 "schedule": timedelta(seconds=settings.label_studio_sync_interval_s),
             },
             "recover-stalled": {

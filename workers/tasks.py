@@ -1,4 +1,5 @@
-"""Thin task adapters: ids in -> one call into `services.cycles` -> enqueue what it returned.
+"""Thin task adapters: ids in -> one step of the flow (`services.cycle.stages.run_step`) ->
+enqueue the steps it returned, each as its stage's task.
 
 Every task is safe to run twice: the services functions claim work with conditional UPDATEs and
 fence completions with attempt numbers, so a redelivered message finds nothing to do. Retries
@@ -7,25 +8,38 @@ the cycle by the services layer with their reason.
 """
 
 import logging
-import os
-import socket
-import time
 from collections.abc import Callable
 from typing import Any, ParamSpec, Protocol, cast
 
 import sqlalchemy as sa
+from billiard.process import current_process
 from celery.signals import task_postrun, task_prerun, worker_process_init
 
-from services import cycles, labelstudio, logs
+from labeling.registry import reconcile_all
+from services import logs
 from services.config import Settings, get_settings
-from services.datasets.snapshot import snapshot as commit_snapshot
-from services.db import engine_from_settings, session_scope
+from services.cycle.flow import Stage, Step
+from services.cycle.recover import recover_stalled as find_stalled
+from services.cycle.stages import run_step
+from services.cycle.trigger import start_due_cycles
+from services.db import engine_from_settings
 from services.errors import TransientError
-from services.projects import get_project
 from workers.app import app
+from workers.devices import WorkerPlan, pin
 
 log = logging.getLogger("focalloop.workers")
 _ENGINE: sa.Engine | None = None
+_PLAN = WorkerPlan(concurrency=1)
+
+
+def use_plan(plan: WorkerPlan, *, forks: bool) -> None:
+    """The pool's device plan, set by `focalloop worker` before the pool starts. Forked pool
+    processes pin themselves when they start; a pool that does not fork (solo, threads) pins
+    this process now, before anything has asked for CUDA."""
+    global _PLAN
+    _PLAN = plan
+    if not forks:
+        pin(plan, 0)
 
 
 def settings() -> Settings:
@@ -42,9 +56,14 @@ def engine() -> sa.Engine:
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]
 def _fresh_process(**_: Any) -> None:
-    # A forked pool child must not reuse the parent's connections (or touch CUDA before fork:
-    # nothing here initializes it, and torch only does on first use in the child).
+    # A forked pool child must not reuse the parent's connections. CUDA is untouched in the
+    # parent; the child pins its GPU (by its pool index, which a replacement process inherits)
+    # before torch first asks for a device.
     global _ENGINE
+    index = int(getattr(current_process(), "index", 0))
+    pin(_PLAN, index)
+    if _PLAN.gpus:
+        log.info("pool process %d pinned to GPU %s", index, _PLAN.gpu_of(index))
     if _ENGINE is not None:
         _ENGINE.dispose(close=False)
     _ENGINE = None
@@ -65,10 +84,6 @@ def _bind_task(task_id: str, task: Any, **_: Any) -> None:
 @task_postrun.connect  # type: ignore[untyped-decorator]
 def _unbind_task(**_: Any) -> None:
     logs.clear()
-
-
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 P = ParamSpec("P")
@@ -101,80 +116,67 @@ RETRYING: dict[str, Any] = {
 }
 
 
+def _send(steps: list[Step]) -> None:
+    """Enqueue each following step as its stage's task."""
+    for step in steps:
+        TASKS[step.stage].delay(*step.args)
+
+
+def _run(step: Step) -> None:
+    _send(run_step(engine(), settings(), step))
+
+
 @task("focalloop.train")
 def train(cycle_id: int) -> None:
-    outcome = cycles.train_cycle(engine(), cycle_id, settings())
-    for chunk_id in outcome.chunk_ids:
-        score_chunk.delay(chunk_id)
-    if outcome.select:
-        select.delay(cycle_id)
+    _run(Step(Stage.TRAIN, cycle_id))
 
 
 @task("focalloop.score_chunk")
 def score_chunk(chunk_id: int) -> None:
-    delay = settings().debug_chunk_delay_s
-    outcome = cycles.score_chunk(
-        engine(),
-        chunk_id,
-        settings(),
-        worker=worker_name(),
-        before_complete=(lambda: time.sleep(delay)) if delay else None,
-    )
-    if outcome.select:
-        select.delay(outcome.cycle_id)
+    _run(Step(Stage.SCORE, chunk_id))
 
 
 @task("focalloop.select")
 def select(cycle_id: int) -> None:
-    if cycles.select_cycle(engine(), cycle_id, settings()):
-        hand_off.delay(cycle_id)
+    _run(Step(Stage.SELECT, cycle_id))
 
 
 @task("focalloop.hand_off")
 def hand_off(cycle_id: int) -> None:
-    event_ids = cycles.hand_off(engine(), cycle_id, settings())
-    if event_ids:
-        ingest.delay(event_ids)
+    _run(Step(Stage.HAND_OFF, cycle_id))
 
 
 @task("focalloop.ingest")
 def ingest(event_ids: list[int]) -> None:
-    report = cycles.ingest_events(engine(), event_ids)
-    log.info("ingested %s", report)
+    _run(Step(Stage.INGEST, event_ids=tuple(event_ids)))
 
 
-@task("focalloop.snapshot")
-def snapshot(project_name: str) -> None:
-    with session_scope(engine()) as session:
-        commit_snapshot(session, get_project(session, project_name), settings=settings())
+TASKS: dict[Stage, TaskHandle[...]] = {
+    Stage.TRAIN: train,
+    Stage.SCORE: score_chunk,
+    Stage.SELECT: select,
+    Stage.HAND_OFF: hand_off,
+    Stage.INGEST: ingest,
+}
 
 
 @task("focalloop.maybe_start_cycles")
 def maybe_start_cycles() -> None:
     """Beat: give every project the chance to start a cycle."""
-    for cycle in cycles.start_due_cycles(engine(), settings()):
-        train.delay(cycle.id or 0)
+    _send([Step(Stage.TRAIN, cycle.id or 0) for cycle in start_due_cycles(engine(), settings())])
 
 
-@task("focalloop.sync_label_studio")
-def sync_label_studio() -> None:
-    """Beat: push pending tasks and reconcile answers for every Label Studio project."""
-    labelstudio.reconcile_all(engine(), settings())
+@task("focalloop.reconcile_labelers")
+def reconcile_labelers() -> None:
+    """Beat: every project's labeler catches up with its tool (Label Studio: push pending
+    tasks, take in what webhooks missed)."""
+    reconcile_all(engine(), settings())
 
 
 @task("focalloop.recover_stalled")
 def recover_stalled() -> None:
     """Beat: re-enqueue work whose worker died or whose message was lost."""
-    recovery = cycles.recover_stalled(engine(), settings())
-    for chunk_id in recovery.chunk_ids:
-        score_chunk.delay(chunk_id)
-    for cycle_id in recovery.train_cycle_ids:
-        train.delay(cycle_id)
-    for cycle_id in recovery.select_cycle_ids:
-        select.delay(cycle_id)
-    for cycle_id in recovery.hand_off_cycle_ids:
-        hand_off.delay(cycle_id)
-    if recovery.event_ids:
-        ingest.delay(recovery.event_ids)
+    recovery = find_stalled(engine(), settings())
+    _send(recovery.steps())
     if any(vars(recovery).values()):
         log.info("recovery: %s", recovery)

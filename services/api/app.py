@@ -23,15 +23,17 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from services import labelstudio, logs
+from labeling.label_studio.events import store_webhook, webhook_project_id
+from labeling.label_studio.media import check_media_signature
+from services import logs
 from services.api.metrics import metrics_registry
 from services.api.routes import admin, cycles, datasets, models, operations, projects, queue
 from services.api.schemas import Problem
 from services.config import Settings
-from services.datasets.pool import SourceReader, locate
+from services.datasets.sources import SourceReader, locate
 from services.datasets.store import sha256_hex
 from services.db import engine_from_settings, session_scope
-from services.errors import Conflict, InvalidInput, NotFound, TransientError
+from services.errors import Conflict, DeviceUnavailable, InvalidInput, NotFound, TransientError
 from services.models import Item, Project
 
 log = logging.getLogger(__name__)
@@ -176,8 +178,8 @@ def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> FastAP
                 isolation_level="AUTOCOMMIT"
             ) as connection:
                 if project not in project_ids:
-                    project_ids[project] = labelstudio.webhook_project_id(connection, project)
-                return labelstudio.store_webhook(connection, project_ids[project], body)
+                    project_ids[project] = webhook_project_id(connection, project)
+                return store_webhook(connection, project_ids[project], body)
 
         try:
             event_id, outcome = await run_in_threadpool(store)
@@ -209,7 +211,7 @@ def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> FastAP
         """An item's image as registered (its bytes checked against the pool's SHA-256), for a
         link signed by focalloop (what Label Studio tasks carry)."""
         try:
-            labelstudio.check_media_signature(settings, project, item_id, expires, signature)
+            check_media_signature(settings, project, item_id, expires, signature)
         except InvalidInput as error:
             raise HTTPException(403, str(error)) from None
         with session_scope(app.state.engine) as session:
@@ -246,6 +248,11 @@ def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> FastAP
     @app.exception_handler(TransientError)
     async def unavailable(_: Request, error: TransientError) -> JSONResponse:
         return JSONResponse({"detail": str(error)}, status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(DeviceUnavailable)
+    async def no_device(_: Request, error: DeviceUnavailable) -> JSONResponse:
+        # The server's own configuration, not the request, is wrong: no retry will help.
+        return JSONResponse({"detail": str(error)}, status_code=503)
 
     return app
 

@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 from sqlmodel import col, func, select
 
 from services.db import session_scope
+from services.gate import gate_config
 from services.models import (
     Annotation,
     Cycle,
@@ -35,7 +36,6 @@ from services.models import (
     Promotion,
     ScoreChunk,
 )
-from services.promotion import gate_config
 from services.status import HUMAN_SOURCES, cycle_view, headline_report
 
 # Cycle durations span seconds (a cold start) to hours (a large pool on one GPU).

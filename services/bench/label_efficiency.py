@@ -10,17 +10,12 @@ seed first reaches its full-pool model's minority F1 (median over seeds, censore
 import math
 from typing import Any
 
-from services.demo import digits_with_rare_class
-from services.simulate import (
-    Arm,
-    SeedRun,
-    SimulationConfig,
-    SimulationResult,
-    area_under_minority_f1,
-    labels_to_target,
-    mean_ci95,
-    run_simulation,
-)
+from services.config import Settings
+from services.simulation.config import Arm, SimulationConfig
+from services.simulation.demo import digits_with_rare_class
+from services.simulation.records import SeedRun, SimulationResult
+from services.simulation.run import run_simulation
+from services.simulation.summary import area_under_minority_f1, labels_to_target, mean_ci95
 
 BENCH_ARMS = (
     Arm("default", "focal"),
@@ -94,7 +89,7 @@ def summarize_bench(result: SimulationResult) -> dict[str, Any]:
 
 
 def run_label_efficiency_bench(
-    *, seeds: int = 5, workers: int = 2
+    base: Settings, *, seeds: int = 5, workers: int = 2
 ) -> tuple[SimulationResult, dict[str, Any]]:
     config = SimulationConfig(
         arms=BENCH_ARMS,
@@ -107,5 +102,5 @@ def run_label_efficiency_bench(
         rare_class=8,
         workers=workers,
     )
-    result = run_simulation(digits_with_rare_class(), config)
+    result = run_simulation(digits_with_rare_class(), config, base)
     return result, summarize_bench(result)

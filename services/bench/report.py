@@ -13,9 +13,14 @@ import torch
 
 def environment(device: torch.device) -> dict[str, Any]:
     """Facts that decide whether two benchmark runs are comparable."""
+    import numpy
+    import sklearn
+
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "scikit-learn": sklearn.__version__,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device)
         if device.type == "cuda"

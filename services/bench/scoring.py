@@ -4,9 +4,9 @@ Pool: 200,000 x 128 float32 features registered in a project (columnar shards in
 a SQLite database); model: MLP 128 -> 256 -> 256 -> 10 (random weights: speed does not depend
 on them). Per chunk size (= pool shard size), median items/s of:
     roofline      `score()` over the whole pool already in memory, in this process
-    in-process    `services.cycles.score_chunk` over every chunk, one after another, in this
-                  process (shard read and hash check, scoring, per-item scores and candidates
-                  written to the store, the chunk's database completion)
+    in-process    the score stage (`services.cycle.score`) over every chunk, one after another,
+                  in this process (shard read and hash check, scoring, per-item scores and
+                  candidates written to the store, the chunk's database completion)
     distributed   the same chunks as Celery tasks on a private redis-server, run by one
                   `focalloop worker` with 2 pool processes of one torch thread each; timed from
                   the first enqueue until the database shows every chunk done
@@ -33,8 +33,11 @@ from celery import Celery
 from numpy.typing import NDArray
 from sqlmodel import col, select
 
-from services import cycles, db
+from services import db
+from services.artifacts import load_model
 from services.config import Settings, child_environment
+from services.cycle.flow import Stage, Step
+from services.cycle.score import score_stage
 from services.datasets.pool import add_to_pool
 from services.datasets.store import open_store
 from services.errors import InvalidInput
@@ -286,7 +289,7 @@ def _bench_size(
         model_row = session.exec(
             select(ModelVersion).where(ModelVersion.project_id == project.id)
         ).one()
-        checkpoint = cycles.load_model(project, model_row, settings)
+        checkpoint = load_model(project, model_row, settings)
     roofline: list[float] = []
     inprocess: list[float] = []
     distributed: list[float] = []
@@ -306,7 +309,7 @@ def _bench_size(
             chunks = len(chunk_ids)
             start = time.perf_counter()
             for chunk_id in chunk_ids:
-                cycles.score_chunk(engine, chunk_id, settings, worker="bench")
+                score_stage(engine, settings, Step(Stage.SCORE, chunk_id))
             inprocess.append(time.perf_counter() - start)
         chunk_ids = _scoring_cycle(engine, name)
         start = time.perf_counter()

@@ -4,7 +4,7 @@ The chunk candidates are made the way `score_chunk` makes them (least-confidence
 chunk's top-k' overall and per predicted class, k' = batch x oversample) from synthetic model
 outputs: long-tailed predicted classes, Dirichlet probabilities, Gaussian embeddings. Timed:
 `merge_candidates` over every chunk (keeping the top-k' overall and per class) plus
-`select_stage` with the default selection (k-center diversity over the top batch x 5, a quarter
+`select_from` with the default selection (k-center diversity over the top batch x 5, a quarter
 of the batch reserved for rare classes), which is what `select_cycle` does once it has read the
 candidates. Baseline, in the same run: the merge keeping every chunk candidate, then the same
 selection (it must choose the same batch, which is checked).
@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from services.loop import SelectionConfig, select_stage
 from services.selection.candidates import Candidates, chunk_candidates, merge_candidates
+from services.selection.config import SelectionConfig, select_from
 from services.selection.strategies import make_strategy
 
 
@@ -94,7 +94,7 @@ def run_select_bench(
     for _ in range(repeats):
         start = time.perf_counter()
         everything = merge_candidates(chunks)
-        baseline = select_stage(
+        baseline = select_from(
             candidates=everything, counts=counts, config=config, batch_size=batch
         )
         baselines.append(time.perf_counter() - start)
@@ -103,7 +103,7 @@ def run_select_bench(
         start = time.perf_counter()
         merged = merge_candidates(chunks, k_prime=batch * config.candidate_multiplier())
         merged_at = time.perf_counter()
-        chosen = select_stage(candidates=merged, counts=counts, config=config, batch_size=batch)
+        chosen = select_from(merged, counts=counts, config=config, batch_size=batch)
         end = time.perf_counter()
         assert len(chosen) == batch == len(set(chosen.tolist()))
         # Keeping only the top-k' overall and per class changes nothing about the choice.

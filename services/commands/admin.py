@@ -10,13 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.auth import create_token, list_tokens, revoke_token
 from services.commands.state import engine_for
-from services.db import session_scope
 from services.errors import InvalidInput
-from services.projects import get_project
-from services.promotion import make_current
-from services.status import headline_report, list_models
 
 token_app = typer.Typer(help="API tokens (read, write, admin).", no_args_is_help=True)
 model_app = typer.Typer(help="A project's models: list, promote, roll back.", no_args_is_help=True)
@@ -37,6 +32,9 @@ def token_create(
     ] = None,
 ) -> None:
     """Create a token and print its secret (shown this once; only its hash is stored)."""
+    from services.auth import create_token
+    from services.db import session_scope
+
     expires_at = None
     if expires is not None:
         try:
@@ -61,6 +59,9 @@ def token_list(
     include_revoked: Annotated[bool, typer.Option("--all", help="Show revoked ones too.")] = False,
 ) -> None:
     """Tokens (never their secrets)."""
+    from services.auth import list_tokens
+    from services.db import session_scope
+
     table = Table("id", "name", "scope", "project", "expires", "revoked", "last used")
     with session_scope(engine_for()) as session:
         for view in list_tokens(session, include_revoked=include_revoked):
@@ -79,6 +80,9 @@ def token_list(
 @token_app.command("revoke")
 def token_revoke(token_id: int) -> None:
     """Revoke a token: it authenticates no more (the record stays)."""
+    from services.auth import revoke_token
+    from services.db import session_scope
+
     with session_scope(engine_for()) as session:
         view = revoke_token(session, token_id, actor=cli_actor())
     console.print(f"token {view.id} ({view.name}) revoked")
@@ -89,6 +93,10 @@ def model_list(
     name: str, json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
 ) -> None:
     """The project's models, newest first: promotion decision and headline figures."""
+    from services.db import session_scope
+    from services.projects import get_project
+    from services.status import headline_report, list_models
+
     with session_scope(engine_for()) as session:
         rows = []
         for model in list_models(session, get_project(session, name)):
@@ -124,6 +132,9 @@ def model_list(
 @model_app.command("promote")
 def model_promote(name: str, version: int) -> None:
     """Make model VERSION current by hand (over a gate rejection); audited."""
+    from services.db import session_scope
+    from services.promotion import make_current
+
     with session_scope(engine_for()) as session:
         make_current(session, name, version, actor=cli_actor(), action="model.promote")
     console.print(f"{name}: m{version} is current")
@@ -132,6 +143,9 @@ def model_promote(name: str, version: int) -> None:
 @model_app.command("rollback")
 def model_rollback(name: str, version: int) -> None:
     """Return to the earlier model VERSION; the current one is retired; audited."""
+    from services.db import session_scope
+    from services.promotion import make_current
+
     with session_scope(engine_for()) as session:
         make_current(session, name, version, actor=cli_actor(), action="model.rollback")
     console.print(f"{name}: rolled back to m{version}")

@@ -1,36 +1,18 @@
 """`focalloop worker|beat|cycle ...` and the project controls that steer cycles."""
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
-from sqlmodel import col, select
 
-from services import cycles, logs
 from services.commands.state import engine_for, project_app
-from services.config import get_settings
-from services.datasets.tables import read_table_file
-from services.db import session_scope
 from services.errors import InvalidInput
-from services.models import Cycle
-from services.projects import get_project, set_paused
 
 cycle_app = typer.Typer(help="Active-learning cycles of a project.", no_args_is_help=True)
 console = Console()
-
-
-def _gpu_present() -> bool:
-    """Whether this machine has an NVIDIA GPU, asked without initializing CUDA in this process
-    (the worker forks its pool after this; a CUDA context must never cross a fork)."""
-    device = get_settings().device
-    if device == "cpu":
-        return False
-    return device == "cuda" or shutil.which("nvidia-smi") is not None
 
 
 def worker(
@@ -38,7 +20,9 @@ def worker(
     concurrency: Annotated[
         int | None,
         typer.Option(
-            min=1, help="Pool processes. Default: 1 when serving gpu on a GPU machine, else CPUs."
+            min=1,
+            help="Pool processes. Default: one per visible GPU when serving gpu on a GPU host "
+            "(each pinned to its own GPU), else FOCALLOOP_GPU_QUEUE_CONCURRENCY or the CPUs.",
         ),
     ] = None,
     pool: Annotated[str, typer.Option(help="prefork, solo or threads.")] = "prefork",
@@ -46,23 +30,32 @@ def worker(
     hostname: Annotated[str | None, typer.Option(help="Celery node name.")] = None,
 ) -> None:
     """Run a Celery worker for the given queues (blocks until stopped)."""
+    from services import logs
+    from services.config import get_settings
+    from workers.devices import host_cpus, plan_workers, visible_gpus
+
     wanted = [q.strip() for q in queues.split(",") if q.strip()]
     if not wanted or set(wanted) - {"gpu", "io"}:
         raise InvalidInput(f"--queues takes gpu and/or io, got {queues!r}")
-    if concurrency is None:
-        # One process per GPU: a second process on the same GPU would fight for its memory.
-        concurrency = 1 if "gpu" in wanted and _gpu_present() else (os.cpu_count() or 1)
-    import workers.tasks  # noqa: F401 (registers the tasks)
+    settings = get_settings()
+    # Planned before the tasks (and torch) are imported: nothing here may initialize CUDA.
+    plan = plan_workers(
+        queues=wanted,
+        concurrency=concurrency,
+        settings=settings,
+        gpus=visible_gpus(),
+        cpus=host_cpus(),
+    )
+    import workers.tasks
     from workers.app import app as celery_app
 
-    settings = get_settings()
+    workers.tasks.use_plan(plan, forks=pool == "prefork")
     logs.configure(settings.log_level, fmt=settings.log_format)
-
     argv = [
         "worker",
         f"--queues={','.join(wanted)}",
         f"--pool={pool}",
-        f"--concurrency={concurrency}",
+        f"--concurrency={plan.concurrency}",
         f"--loglevel={loglevel}",
     ]
     if hostname:
@@ -76,7 +69,10 @@ def beat(
         Path | None, typer.Option(help="Beat's state file (default: under the data dir).")
     ] = None,
 ) -> None:
-    """Run Celery beat: maybe_start_cycles and recover_stalled on their intervals."""
+    """Run Celery beat: maybe_start_cycles, recover_stalled and reconcile_labelers on their
+    intervals."""
+    from services import logs
+    from services.config import get_settings
     from workers.app import app as celery_app
 
     settings = get_settings()
@@ -89,11 +85,14 @@ def beat(
 @cycle_app.command("start")
 def cycle_start(name: str) -> None:
     """Start a cycle now (on the newest dataset version) and enqueue its training."""
+    from services.config import get_settings
+    from services.cycle.start import start_cycle
+    from services.db import session_scope
     from workers.tasks import train
 
     settings = get_settings()
     with session_scope(engine_for(settings)) as session:
-        cycle = cycles.start_cycle(session, name, trigger="cli", settings=settings)
+        cycle = start_cycle(session, name, trigger="cli", settings=settings)
         cycle_id = cycle.id or 0
     train.delay(cycle_id)
     console.print(f"started cycle {cycle_id} of {name} (dataset v{cycle.dataset_version})")
@@ -106,6 +105,13 @@ def cycle_status(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """The project's recent cycles: state, versions, chunk progress, failure reason."""
+    from sqlmodel import col, select
+
+    from services.db import session_scope
+    from services.models import Cycle
+    from services.projects import get_project
+    from services.status import cycle_view
+
     with session_scope(engine_for()) as session:
         project = get_project(session, name)
         rows = session.exec(
@@ -114,7 +120,7 @@ def cycle_status(
             .order_by(col(Cycle.id).desc())
             .limit(last)
         ).all()
-        summaries = [cycles.cycle_summary(session, row) for row in rows]
+        summaries = [cycle_view(session, row).to_dict() for row in rows]
     if json_out:
         console.print_json(json.dumps(summaries))
         return
@@ -136,14 +142,20 @@ def cycle_status(
 @cycle_app.command("cancel")
 def cycle_cancel(name: str) -> None:
     """Cancel the project's active cycle (running tasks stop at their next checkpoint)."""
+    from services.cycle.start import cancel_cycle
+    from services.db import session_scope
+
     with session_scope(engine_for()) as session:
-        cycle = cycles.cancel_cycle(session, name)
+        cycle = cancel_cycle(session, name)
         console.print(f"cycle {cycle.id} of {name}: {cycle.state} (cancel requested)")
 
 
 @project_app.command("pause")
 def project_pause(name: str) -> None:
     """Beat starts no cycles for a paused project (a running cycle finishes)."""
+    from services.db import session_scope
+    from services.projects import set_paused
+
     with session_scope(engine_for()) as session:
         set_paused(session, name, paused=True)
     console.print(f"project {name} paused")
@@ -152,6 +164,9 @@ def project_pause(name: str) -> None:
 @project_app.command("resume")
 def project_resume(name: str) -> None:
     """Let beat start cycles for the project again."""
+    from services.db import session_scope
+    from services.projects import set_paused
+
     with session_scope(engine_for()) as session:
         set_paused(session, name, paused=False)
     console.print(f"project {name} resumed")
@@ -167,13 +182,29 @@ def project_labeler(
     annotator: Annotated[str, typer.Option(help="Name recorded on simulated answers.")] = (
         "simulated"
     ),
+    noise: Annotated[
+        float, typer.Option(min=0.0, max=0.99, help="The simulated annotator's error rate.")
+    ] = 0.0,
 ) -> None:
-    """Choose who answers the project's hand-offs (Label Studio arrives with its issue)."""
+    """Let a simulated annotator answer the project's hand-offs (Label Studio: `focalloop
+    labelstudio connect`)."""
+    from labeling.simulated import set_simulated_labeler
+    from services.config import get_settings
+    from services.datasets.tables import read_table_file
+    from services.db import session_scope
+
     if simulated_truth is None:
-        raise InvalidInput("give --simulated-truth FILE (the only labeler available so far)")
+        raise InvalidInput(
+            "give --simulated-truth FILE (or connect Label Studio: focalloop labelstudio connect)"
+        )
     settings = get_settings()
     with session_scope(engine_for(settings)) as session:
-        cycles.set_simulated_labeler(
-            session, name, read_table_file(simulated_truth), settings, annotator=annotator
+        set_simulated_labeler(
+            session,
+            name,
+            read_table_file(simulated_truth),
+            settings,
+            annotator=annotator,
+            noise=noise,
         )
     console.print(f"project {name}: hand-offs answered by a simulated annotator ({annotator})")

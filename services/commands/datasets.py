@@ -1,32 +1,21 @@
-"""`focalloop datasets ...`: versioned datasets in a store, with or without a database."""
+"""`focalloop datasets ...`: versioned datasets in a store, with or without a database (the
+services each command calls are imported inside it, so `--help` stays fast)."""
+
+from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.config import get_settings
-from services.datasets.snapshot import snapshot
-from services.datasets.store import DatasetStore, open_store
-from services.datasets.tables import read_table_file, write_table_file
-from services.datasets.versions import (
-    commit_version,
-    diff_versions,
-    latest_version,
-    lineage,
-    list_versions,
-    normalize_items,
-    read_manifest,
-    read_version,
-    verify_version,
-)
-from services.db import engine_from_settings, session_scope
 from services.errors import InvalidInput
-from services.projects import check_labels, check_project_name, get_project
+
+if TYPE_CHECKING:
+    from services.datasets.store import DatasetStore
 
 datasets_app = typer.Typer(
     help="Immutable dataset versions in a store (file:///dir or s3://bucket/prefix).",
@@ -39,12 +28,17 @@ ProjectOption = Annotated[str, typer.Option("--project", help="Project name (the
 
 
 def _store(url: str, *, create: bool = False) -> DatasetStore:
+    from services.config import get_settings
+    from services.datasets.store import open_store
+
     return open_store(url, get_settings(), create=create)
 
 
 def _label_set(file_labels: list[str], given: str | None, parent: list[str] | None) -> list[str]:
     """The label set of a new version: --labels when given (it must extend the parent's), else
     the parent's with the file's new classes appended (sorted), else the file's (sorted)."""
+    from services.projects import check_labels
+
     if given is not None:
         labels = check_labels([label.strip() for label in given.split(",") if label.strip()])
         if parent is not None and labels[: len(parent)] != parent:
@@ -72,6 +66,15 @@ def commit(
     ] = None,
 ) -> None:
     """Commit a labeled items file as the next version (write-once; the parent is the latest)."""
+    from services.datasets.tables import read_table_file
+    from services.datasets.versions import (
+        commit_version,
+        list_versions,
+        normalize_items,
+        read_manifest,
+    )
+    from services.projects import check_project_name
+
     check_project_name(project)
     target = _store(store, create=True)
     existing = list_versions(target, project)
@@ -105,6 +108,11 @@ def snapshot_command(
     name: Annotated[str, typer.Argument(help="Project name in the database.")],
 ) -> None:
     """Commit the database's current labels of a project as its next version."""
+    from services.config import get_settings
+    from services.datasets.snapshot import snapshot
+    from services.db import engine_from_settings, session_scope
+    from services.projects import get_project
+
     settings = get_settings()
     with session_scope(engine_from_settings(settings)) as session:
         project = get_project(session, name)
@@ -118,6 +126,9 @@ def snapshot_command(
 @datasets_app.command("list")
 def list_command(store: StoreOption, project: ProjectOption) -> None:
     """Committed versions, oldest first."""
+    from services.datasets.versions import list_versions, read_manifest
+    from services.projects import check_project_name
+
     target = _store(store)
     table = Table("version", "parent", "items", "created", "classes", title=f"{project} datasets")
     for number in list_versions(target, check_project_name(project)):
@@ -139,6 +150,9 @@ def show(
     version: Annotated[int | None, typer.Option(min=1, help="Default: the latest.")] = None,
 ) -> None:
     """A version's manifest (JSON) and its lineage."""
+    from services.datasets.versions import latest_version, lineage, read_manifest
+    from services.projects import check_project_name
+
     target = _store(store)
     number = version or latest_version(target, check_project_name(project))
     if number is None:
@@ -158,6 +172,9 @@ def diff(
     json_out: Annotated[bool, typer.Option("--json", help="Print the full diff as JSON.")] = False,
 ) -> None:
     """Items added, relabeled and withdrawn from version A to version B."""
+    from services.datasets.versions import diff_versions
+    from services.projects import check_project_name
+
     result = diff_versions(_store(store), check_project_name(project), a, b)
     if json_out:
         console.print_json(
@@ -187,6 +204,9 @@ def verify(
     version: Annotated[int | None, typer.Option(min=1, help="Default: every version.")] = None,
 ) -> None:
     """Check every object's SHA-256 against the manifests; exit 1 if anything is wrong."""
+    from services.datasets.versions import list_versions, verify_version
+    from services.projects import check_project_name
+
     target = _store(store)
     numbers = [version] if version else list_versions(target, check_project_name(project))
     if not numbers:
@@ -212,6 +232,10 @@ def export(
     to: Annotated[Path, typer.Option("--to", help="Output .csv, .jsonl or .parquet file.")],
 ) -> None:
     """Write a version's items (hashes verified) to a file."""
+    from services.datasets.tables import write_table_file
+    from services.datasets.versions import read_version
+    from services.projects import check_project_name
+
     _, table = read_version(_store(store), check_project_name(project), version)
     write_table_file(table, to)
     console.print(f"exported {project} v{version}: {table.num_rows} items -> {to}")

@@ -1,18 +1,13 @@
-"""`focalloop labelstudio connect|sync|push|status` and `focalloop api`."""
+"""`focalloop labelstudio connect|sync|push|status` and `focalloop api` (each command imports
+what it calls, so `--help` stays fast)."""
 
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
-from sqlmodel import col, func, select
 
-from services import labelstudio
 from services.commands.state import engine_for
-from services.config import get_settings
-from services.db import session_scope
-from services.models import InboxEvent, Item, LabelTask
-from services.projects import get_project
 
 labelstudio_app = typer.Typer(
     help="Connect projects to Label Studio and reconcile their answers.", no_args_is_help=True
@@ -31,30 +26,47 @@ def connect(
         str, typer.Option(help="auto | api | presigned: how tasks link to images.")
     ] = "auto",
     review_threshold: Annotated[
-        float,
-        typer.Option(help="Send a label to review when its cross-fitted probability is below."),
-    ] = labelstudio.DEFAULT_REVIEW_THRESHOLD,
+        float | None,
+        typer.Option(
+            help="Send a label to review when its cross-fitted probability is below this "
+            "(default 0.05)."
+        ),
+    ] = None,
     reviews_per_cycle: Annotated[
-        int, typer.Option(min=0, help="At most this many review tasks per cycle.")
-    ] = labelstudio.DEFAULT_REVIEWS_PER_CYCLE,
+        int | None,
+        typer.Option(min=0, help="At most this many review tasks per cycle (default 20)."),
+    ] = None,
 ) -> None:
     """Make Label Studio the project's labeler (label config, webhook, hardest-first view).
     Safe to repeat: the Label Studio project and its webhook are reused."""
+    from labeling.label_studio.link import (
+        DEFAULT_REVIEW_THRESHOLD,
+        DEFAULT_REVIEWS_PER_CYCLE,
+        webhook_url,
+    )
+    from labeling.label_studio.link import connect as connect_project
+    from services.config import get_settings
+    from services.db import session_scope
+
     settings = get_settings()
     with session_scope(engine_for(settings)) as session:
-        link = labelstudio.connect(
+        link = connect_project(
             session,
             name,
             url=url,
             token_env=token_env,
             settings=settings,
             media=media,
-            review_threshold=review_threshold,
-            reviews_per_cycle=reviews_per_cycle,
+            review_threshold=(
+                DEFAULT_REVIEW_THRESHOLD if review_threshold is None else review_threshold
+            ),
+            reviews_per_cycle=(
+                DEFAULT_REVIEWS_PER_CYCLE if reviews_per_cycle is None else reviews_per_cycle
+            ),
         )
     console.print(
         f"{name}: Label Studio project {link.project_id} at {link.url}/projects/{link.project_id} "
-        f"(webhook {link.webhook_id} -> {labelstudio.webhook_url(settings, name)}, "
+        f"(webhook {link.webhook_id} -> {webhook_url(settings, name)}, "
         f"view {link.view_id} orders tasks hardest first)"
     )
 
@@ -62,8 +74,11 @@ def connect(
 @labelstudio_app.command("sync")
 def sync(name: Annotated[str, typer.Argument(help="The focalloop project.")]) -> None:
     """Reconcile every answer with Label Studio now (beat does this on a schedule)."""
+    from labeling.label_studio.sync import sync_annotations
+    from services.config import get_settings
+
     settings = get_settings()
-    report = labelstudio.sync_annotations(engine_for(settings), name, settings)
+    report = sync_annotations(engine_for(settings), name, settings)
     console.print(
         f"{name}: {report.tasks_seen} tasks, {report.new_revisions} answers taken in, "
         f"{report.withdrawn} withdrawn, {report.rejected} rejected"
@@ -73,17 +88,27 @@ def sync(name: Annotated[str, typer.Argument(help="The focalloop project.")]) ->
 @labelstudio_app.command("push")
 def push(name: Annotated[str, typer.Argument(help="The focalloop project.")]) -> None:
     """Create the project's pending tasks in Label Studio now (what a hand-off does)."""
+    from labeling.label_studio.tasks import push_pending
+    from services.config import get_settings
+
     settings = get_settings()
-    report = labelstudio.push_pending(engine_for(settings), name, settings)
+    report = push_pending(engine_for(settings), name, settings)
     console.print(f"{name}: {report.created} tasks created, {report.adopted} found already there")
 
 
 @labelstudio_app.command("status")
 def status(name: Annotated[str, typer.Argument(help="The focalloop project.")]) -> None:
     """Tasks by kind and state, flagged items and the latest rejected answers."""
+    from sqlmodel import col, func, select
+
+    from labeling.label_studio.link import LabelStudioLink
+    from services.db import session_scope
+    from services.models import InboxEvent, Item, LabelTask
+    from services.projects import get_project
+
     with session_scope(engine_for()) as session:
         project = get_project(session, name)
-        link = labelstudio.LabelStudioLink.of(project)
+        link = LabelStudioLink.of(project)
         counts = session.exec(
             select(LabelTask.kind, LabelTask.state, func.count())
             .where(LabelTask.project_id == project.id)
@@ -124,6 +149,8 @@ def api(
 ) -> None:
     """Serve the HTTP API (webhooks, media links, status) with uvicorn."""
     import uvicorn
+
+    from services.config import get_settings
 
     uvicorn.run(
         "services.api.app:app_from_environment",

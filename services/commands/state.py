@@ -1,27 +1,24 @@
-"""`focalloop db|project|pool ...`: the state database from the command line."""
+"""`focalloop db|project|pool ...`: the state database from the command line.
+
+Command modules import the services they call inside each command: `focalloop --help` and
+`focalloop version` load only these definitions, not torch or the database layer.
+"""
+
+from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import sqlalchemy as sa
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.config import Settings, get_settings
-from services.datasets.pool import add_to_pool
-from services.db import current_revision, engine_from_settings, head_revision, session_scope
-from services.db import upgrade as upgrade_database
 from services.errors import InvalidInput
-from services.loop import default_loop_config
-from services.projects import (
-    ProjectSpec,
-    create_project,
-    get_project,
-    list_projects,
-    pool_counts,
-    update_project,
-)
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+
+    from services.config import Settings
 
 db_app = typer.Typer(help="The state database (SQLite file or PostgreSQL).", no_args_is_help=True)
 project_app = typer.Typer(help="Labeling projects.", no_args_is_help=True)
@@ -35,12 +32,18 @@ def _split(labels: str) -> list[str]:
 
 
 def engine_for(settings: Settings | None = None) -> sa.Engine:
+    from services.config import get_settings
+    from services.db import engine_from_settings
+
     return engine_from_settings(settings or get_settings())
 
 
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Create or migrate the database schema to the newest revision (safe to repeat)."""
+    from services.db import current_revision, head_revision
+    from services.db import upgrade as upgrade_database
+
     engine = engine_for()
     upgrade_database(engine)
     console.print(f"database at revision {current_revision(engine)} (head {head_revision()})")
@@ -49,6 +52,8 @@ def db_upgrade() -> None:
 @db_app.command("current")
 def db_current() -> None:
     """Print the database's schema revision and the newest one this code ships."""
+    from services.db import current_revision, head_revision
+
     console.print(f"current {current_revision(engine_for())}, head {head_revision()}")
 
 
@@ -69,9 +74,16 @@ def project_create(
     label_budget: Annotated[int | None, typer.Option(help="Stop after this many labels.")] = None,
     retrain_min_new_labels: Annotated[int, typer.Option(help="Retrain after this many.")] = 100,
     retrain_cron: Annotated[str | None, typer.Option(help="Also retrain on this cron.")] = None,
+    seed: Annotated[
+        int, typer.Option(min=0, help="Every random choice of its cycles derives from it.")
+    ] = 0,
 ) -> None:
     """Create a project."""
-    loss = default_loop_config().loss.to_dict()
+    from services.db import session_scope
+    from services.projects import ProjectSpec, create_project
+    from services.recipe import default_recipe
+
+    loss = default_recipe().loss.to_dict()
     if gamma is not None:
         loss["gamma"] = gamma
     if alpha is not None:
@@ -92,6 +104,7 @@ def project_create(
         label_budget=label_budget,
         retrain_min_new_labels=retrain_min_new_labels,
         retrain_cron=retrain_cron,
+        seed=seed,
     )
     with session_scope(engine_for()) as session:
         project = create_project(session, spec)
@@ -108,8 +121,12 @@ def project_update(
     label_budget: Annotated[int | None, typer.Option()] = None,
     retrain_min_new_labels: Annotated[int | None, typer.Option()] = None,
     retrain_cron: Annotated[str | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option(min=0)] = None,
 ) -> None:
     """Change a project's settings."""
+    from services.db import session_scope
+    from services.projects import update_project
+
     with session_scope(engine_for()) as session:
         project = update_project(
             session,
@@ -119,6 +136,7 @@ def project_update(
             label_budget=label_budget,
             retrain_min_new_labels=retrain_min_new_labels,
             retrain_cron=retrain_cron,
+            seed=seed,
         )
         console.print(f"updated project {project.name}: labels {', '.join(project.labels)}")
 
@@ -126,6 +144,9 @@ def project_update(
 @project_app.command("list")
 def project_list() -> None:
     """Every project, by name."""
+    from services.db import session_scope
+    from services.projects import list_projects
+
     table = Table("name", "modality", "classes", "store", "paused")
     with session_scope(engine_for()) as session:
         for project in list_projects(session):
@@ -142,6 +163,9 @@ def project_list() -> None:
 @project_app.command("show")
 def project_show(name: str) -> None:
     """A project's settings and its pool counts."""
+    from services.db import session_scope
+    from services.projects import get_project, pool_counts
+
     with session_scope(engine_for()) as session:
         project = get_project(session, name)
         counts = pool_counts(session, project)
@@ -162,6 +186,7 @@ def project_show(name: str) -> None:
             "retrain after new labels": str(project.retrain_min_new_labels),
             "retrain cron": project.retrain_cron or "none",
             "paused": "yes" if project.paused else "no",
+            "seed": str(project.seed),
             "items": str(counts.total),
         }
         for key, value in rows.items():
@@ -182,6 +207,11 @@ def pool_add(
     ],
 ) -> None:
     """Register a source's items in a project's pool (deduplicated by content)."""
+    from services.config import get_settings
+    from services.datasets.pool import add_to_pool
+    from services.db import session_scope
+    from services.projects import get_project
+
     settings = get_settings()
     # The person at the terminal can read the source they name: it is trusted along with the
     # configured roots (the API trusts only the configured roots).
@@ -216,6 +246,9 @@ def _source_root(source: str) -> str:
 @pool_app.command("show")
 def pool_show(name: str) -> None:
     """Items of a project by status."""
+    from services.db import session_scope
+    from services.projects import get_project, pool_counts
+
     with session_scope(engine_for()) as session:
         counts = pool_counts(session, get_project(session, name))
     table = Table("status", "items", title=f"pool of {name}")

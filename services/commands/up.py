@@ -3,8 +3,11 @@
 Embedded defaults (a SQLite file and a local dataset store under the data dir), the API, one
 worker for both queues and beat, on a private `redis-server` (or REDIS_URL). Without Redis the
 loop runs in this process beside the API. `--with-label-studio` installs and starts a local
-Label Studio and connects the digits demo project to it.
+Label Studio and connects the digits demo project to it. Everything `up` runs is imported
+when it runs, so the other commands do not pay for it.
 """
+
+from __future__ import annotations
 
 import shutil
 import signal
@@ -14,34 +17,15 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import httpx
-import sqlalchemy as sa
 import typer
-from pydantic import SecretStr
 from rich.console import Console
-from sqlmodel import select
 
-from services import labelstudio
-from services.config import (
-    Settings,
-    child_environment,
-    get_settings,
-    provide_secret,
-    redis_url_from_environment,
-)
-from services.db import engine_from_settings, session_scope
-from services.db import upgrade as upgrade_database
-from services.local import (
-    DEMO_PROJECT,
-    InProcessLoop,
-    ensure_admin_token,
-    ensure_demo_project,
-    ensure_webhook_secret,
-)
-from services.models import Project
-from services.servers import RedisServer
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+
+    from services.config import Settings
 
 console = Console(soft_wrap=True)
 LABEL_STUDIO_TOKEN_ENV = "LABEL_STUDIO_TOKEN"
@@ -51,6 +35,8 @@ FOCALLOOP = [sys.executable, "-m", "services.cli"]
 def _wait_until_healthy(
     url: str, processes: list[subprocess.Popen[bytes]], timeout_s: float
 ) -> None:
+    import httpx
+
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for process in processes:
@@ -102,6 +88,28 @@ def up(
     ] = True,
 ) -> None:
     """Run the whole loop on this machine until Ctrl-C (SQLite, local store, API, worker, beat)."""
+    from pydantic import SecretStr
+    from sqlmodel import select
+
+    from labeling.label_studio.link import KIND as LABEL_STUDIO
+    from labeling.label_studio.link import connect as connect_label_studio
+    from services.config import (
+        child_environment,
+        get_settings,
+        provide_secret,
+        redis_url_from_environment,
+    )
+    from services.db import engine_from_settings, session_scope
+    from services.db import upgrade as upgrade_database
+    from services.local import (
+        DEMO_PROJECT,
+        ensure_admin_token,
+        ensure_demo_project,
+        ensure_webhook_secret,
+    )
+    from services.models import Project
+    from services.servers import RedisServer
+
     base = get_settings()
     data_dir = base.data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -129,7 +137,11 @@ def up(
     with ExitStack() as cleanup:
         label_studio_url = None
         if with_label_studio:
-            from labeling.server import LocalLabelStudio, default_cache_dir, ensure_installed
+            from labeling.label_studio.server import (
+                LocalLabelStudio,
+                default_cache_dir,
+                ensure_installed,
+            )
 
             console.print(
                 "Label Studio: installing once into ~/.cache/focalloop (a few minutes)..."
@@ -152,11 +164,11 @@ def up(
                         select(Project.labeler).where(Project.name == DEMO_PROJECT)
                     ).one()
                 if (
-                    connected.get("kind") != labelstudio.KIND
+                    connected.get("kind") != LABEL_STUDIO
                     or connected.get("url") != label_studio_url
                 ):
                     with session_scope(engine) as session:
-                        labelstudio.connect(
+                        connect_label_studio(
                             session,
                             DEMO_PROJECT,
                             url=label_studio_url,
@@ -225,6 +237,7 @@ def _serve_in_process(settings: Settings, engine: sa.Engine, port: int) -> None:
 
     from services import logs
     from services.api.app import create_app
+    from services.cycle.runner import InProcessLoop
 
     # The terminal keeps the summary; the API's and the loop's lines go to the logs folder.
     logs.configure(
@@ -255,6 +268,8 @@ def _summary(
     broker_note: str,
     label_studio_url: str | None,
 ) -> None:
+    from services.local import DEMO_PROJECT
+
     console.print(f"[bold]focalloop is up[/] (state and data in {settings.data_dir})")
     console.print(f"  API        {api_url}/docs")
     console.print(

@@ -1,15 +1,17 @@
-"""Registering pool items: read a source, decode once, write columnar shards, record items.
+"""Registering pool items: read a source (`sources`, `decode`), write columnar shards, record
+the items.
 
 Sources (the `--from` of `focalloop pool add`):
     a folder of images, local or an S3 prefix    every image file below it, unlabeled
     a manifest (.csv / .jsonl / .parquet)          columns item_id, uri[, label]; uris relative
                                                    to the manifest's folder or absolute under a root
-    an .npz of features                            arrays features [n, d] (required),
-                                                   item_ids [n] and labels [n] ("" = none)
+    an .npz                                        features [n, d] (a features project) or
+                                                   images [n, H, W] / [n, C, H, W] (an image
+                                                   project: its size, uint8 or floats in [0, 1]),
+                                                   optional item_ids [n] and labels [n] ("" = none)
 
-Item data is read only from trusted roots (file:///dir/ or s3://bucket/prefix/): a uri outside
-them, with another scheme (no http: no server-side request forgery), with '..', '%' escapes,
-backslashes or control characters is refused before anything is written.
+Item data is read only from trusted roots (`sources.locate`), checked before anything is
+written.
 
 Decoded data is stored once, as Parquet shards of `Settings.pool_shard_items` items under
 `{project}/pool/shards/{sha256}.parquet` in the project's store, so scoring reads thousands of
@@ -20,236 +22,35 @@ as `unreadable` with the reason, and registration goes on.
 
 import io
 import json
-import os
 import posixpath
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import sqlalchemy as sa
-from botocore.exceptions import ClientError
 from numpy.typing import NDArray
-from PIL import Image, ImageOps, UnidentifiedImageError
 from sqlmodel import Session, col, select
 
 from services.config import Settings
+from services.datasets.decode import Candidate, read_candidates
+from services.datasets.sources import SourceReader, locate
 from services.datasets.store import (
     DatasetStore,
-    StoreUrl,
     open_store,
-    s3_client,
     safe_key,
     sha256_hex,
 )
-from services.datasets.tables import read_table_bytes, table_format
-from services.errors import CorruptData, InvalidInput, NotFound
+from services.errors import CorruptData, InvalidInput
 from services.models import Annotation, Item, ItemStatus, Project, utcnow
 
-if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
-
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-MAX_IMAGE_PIXELS = 40_000_000  # bigger images are marked unreadable, not decoded
-MAX_IMAGE_BYTES = 64 * 1024 * 1024  # per image file
-MAX_TABLE_BYTES = 8 * 1024 * 1024 * 1024  # a manifest or an .npz of features, read whole
 _IO_THREADS = 8
+
+
 SEED_SOURCE = "seed"
-
-
-def _check_relative(path: str) -> str:
-    """A relative '/'-separated path with no way out of its root, else InvalidInput."""
-    bad = (
-        not path
-        or path.startswith("/")
-        or "\\" in path
-        or "%" in path
-        or any(ord(ch) < 32 or ord(ch) == 127 for ch in path)
-        or any(part in ("", ".", "..") for part in path.split("/"))
-    )
-    if bad:
-        raise InvalidInput(
-            f"unsafe path {path!r}: relative paths only, without '..', '.', empty parts, "
-            "'%', '\\\\' or control characters"
-        )
-    return path
-
-
-@dataclass(frozen=True)
-class Location:
-    """A file or folder inside a trusted root: scheme file (root is a directory) or s3."""
-
-    root: StoreUrl
-    path: str  # relative to the root, "" for the root itself
-
-    def uri(self) -> str:
-        base = str(self.root).rstrip("/")
-        return f"{base}/{self.path}" if self.path else base
-
-    def child(self, relative: str) -> "Location":
-        _check_relative(relative)
-        return Location(self.root, posixpath.join(self.path, relative) if self.path else relative)
-
-    def parent(self) -> "Location":
-        return Location(self.root, posixpath.dirname(self.path))
-
-    @property
-    def name(self) -> str:
-        return posixpath.basename(self.path)
-
-
-def _parse_roots(roots: Sequence[str]) -> list[StoreUrl]:
-    return [StoreUrl.parse(root.rstrip("/")) for root in roots]
-
-
-def locate(uri: str, roots: Sequence[str]) -> Location:
-    """Place `uri` (file:///..., s3://..., or a local path) inside the longest matching trusted
-    root; InvalidInput when it lies outside every root or uses another scheme."""
-    if "://" not in uri:
-        uri = "file://" + os.path.abspath(uri) if uri else uri
-    parts = urlsplit(uri)
-    if parts.scheme not in ("file", "s3"):
-        raise InvalidInput(f"{uri!r}: only file:// and s3:// sources are read, nothing else")
-    if parts.query or parts.fragment or "%" in uri or "\\" in uri:
-        raise InvalidInput(f"unsafe source {uri!r}: no '%', '\\', '?' or '#'")
-    if parts.scheme == "file":
-        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
-            raise InvalidInput(f"{uri!r}: local sources are file:///absolute/path")
-        target = parts.path.rstrip("/") or "/"
-    else:
-        target = parts.path.strip("/")
-    for root in sorted(_parse_roots(roots), key=lambda r: len(r.root), reverse=True):
-        if root.scheme != parts.scheme or root.bucket != (parts.netloc if root.bucket else ""):
-            continue
-        if target == root.root:
-            return Location(root, "")
-        prefix = root.root.rstrip("/") + "/" if root.root else ""
-        if target.startswith(prefix):
-            relative = _check_relative(target[len(prefix) :])
-            if root.scheme == "file":
-                _check_inside(root.root, relative)
-            return Location(root, relative)
-    raise InvalidInput(
-        f"{uri!r} is outside the trusted source roots {list(roots)}; "
-        "add its folder or prefix to FOCALLOOP_SOURCE_ROOTS"
-    )
-
-
-def _check_inside(root: str, relative: str) -> None:
-    """Symlinks must not lead out of a local root."""
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(os.path.join(root, relative))
-    if real != real_root and not real.startswith(real_root + os.sep):
-        raise InvalidInput(f"{relative!r} resolves outside its root {root!r}")
-
-
-class SourceReader:
-    """Reads bytes and lists files at trusted locations (local folders or S3 prefixes)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._client: S3Client | None = None
-
-    def _s3(self) -> "S3Client":
-        if self._client is None:
-            self._client = s3_client(self.settings)
-        return self._client
-
-    def read(self, location: Location, *, limit: int = MAX_IMAGE_BYTES) -> bytes:
-        """The file's bytes; InvalidInput when it is larger than `limit`."""
-        if location.root.scheme == "file":
-            _check_inside(location.root.root, location.path)
-            path = Path(location.root.root, location.path)
-            try:
-                if path.stat().st_size > limit:
-                    raise InvalidInput(f"{location.uri()} is larger than {limit} bytes")
-                return path.read_bytes()
-            except FileNotFoundError:
-                raise NotFound(f"{location.uri()} does not exist") from None
-            except IsADirectoryError:
-                raise InvalidInput(f"{location.uri()} is a folder, not a file") from None
-        store = self._s3_store(location)
-        return store.get_raw(location.path, limit=limit)
-
-    def is_folder(self, location: Location) -> bool:
-        if location.root.scheme == "file":
-            return Path(location.root.root, location.path).is_dir()
-        return not posixpath.splitext(location.path)[1]
-
-    def list_files(self, folder: Location) -> list[Location]:
-        """Image files below `folder`, sorted by path (hidden files and folders skipped)."""
-        found: list[str] = []
-        if folder.root.scheme == "file":
-            base = Path(folder.root.root, folder.path)
-            for dirpath, dirnames, filenames in os.walk(base):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                rel_dir = Path(dirpath).relative_to(folder.root.root).as_posix()
-                found.extend(
-                    posixpath.join(rel_dir, name) if rel_dir != "." else name
-                    for name in filenames
-                    if not name.startswith(".")
-                )
-        else:
-            found = self._s3_store(folder).list_raw(folder.path)
-        locations = []
-        for path in sorted(found):
-            if posixpath.splitext(path)[1].lower() in IMAGE_SUFFIXES:
-                try:
-                    locations.append(Location(folder.root, _check_relative(path)))
-                except InvalidInput:
-                    continue  # a name we refuse to read is not part of the pool
-        return locations
-
-    def _s3_store(self, location: Location) -> "_RawS3":
-        return _RawS3(self._s3(), location.root)
-
-
-class _RawS3:
-    """Reads keys under an S3 root without the dataset store's strict key syntax (pool images
-    may have any safe relative name)."""
-
-    def __init__(self, client: "S3Client", root: StoreUrl) -> None:
-        self.client = client
-        self.root = root
-
-    def _key(self, path: str) -> str:
-        return f"{self.root.root}/{path}" if self.root.root else path
-
-    def get_raw(self, path: str, *, limit: int) -> bytes:
-        try:
-            response = self.client.get_object(Bucket=self.root.bucket, Key=self._key(path))
-        except ClientError as error:
-            raise NotFound(f"s3://{self.root.bucket}/{self._key(path)}: {error}") from None
-        if response["ContentLength"] > limit:
-            raise InvalidInput(f"s3://{self.root.bucket}/{self._key(path)} is too large")
-        return response["Body"].read()
-
-    def list_raw(self, folder: str) -> list[str]:
-        prefix = self._key(folder).rstrip("/") + "/" if folder or self.root.root else ""
-        strip = len(self.root.root.rstrip("/") + "/") if self.root.root else 0
-        keys: list[str] = []
-        for page in self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.root.bucket, Prefix=prefix
-        ):
-            keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
-        return keys
-
-
-@dataclass
-class Candidate:
-    """One incoming item before it is stored."""
-
-    external_id: str
-    uri: str
-    content_hash: str
-    label: str | None
-    data: NDArray[Any] | None  # features [d] float32 or image [C, H, W] uint8; None if unreadable
-    unreadable_reason: str | None = None
 
 
 @dataclass
@@ -263,138 +64,6 @@ class PoolAddReport:
     unreadable: int = 0
     seed_labels: int = 0
     shards: list[str] = field(default_factory=list)
-
-
-def _check_item_id(item_id: str) -> str:
-    if not item_id or len(item_id) > 200 or any(ord(ch) < 32 for ch in item_id):
-        raise InvalidInput(f"invalid item_id {item_id!r}: 1-200 characters, no control characters")
-    return item_id
-
-
-def decode_image(data: bytes, *, size: int, channels: int) -> NDArray[np.uint8]:
-    """Decode image bytes to uint8 [channels, size, size]. Raises ValueError with a readable
-    reason when the bytes are not a decodable image."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise ValueError(f"{image.width}x{image.height} pixels is too large")
-            image.load()
-            oriented = ImageOps.exif_transpose(image)
-            converted = oriented.convert("L" if channels == 1 else "RGB")
-            resized = converted.resize((size, size), Image.Resampling.BILINEAR)
-            pixels = np.asarray(resized, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ValueError(f"cannot decode image: {error}") from None
-    if channels == 1:
-        return pixels[np.newaxis, :, :].copy()
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
-
-
-def _from_npz(data: bytes, source: str) -> list[Candidate]:
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except (ValueError, OSError) as error:
-        raise InvalidInput(f"{source}: not a readable .npz ({error})") from None
-    if "features" not in arrays:
-        raise InvalidInput(f"{source}: the .npz needs a 'features' array [n, d]")
-    features = arrays["features"]
-    if features.ndim != 2 or not np.issubdtype(features.dtype, np.number):
-        raise InvalidInput(f"{source}: 'features' must be a numeric [n, d] array")
-    n = features.shape[0]
-    features = features.astype(np.float32)
-    item_ids = arrays.get("item_ids")
-    labels = arrays.get("labels")
-    for name, array in (("item_ids", item_ids), ("labels", labels)):
-        if array is not None and array.shape != (n,):
-            raise InvalidInput(f"{source}: '{name}' must have shape [{n}]")
-    candidates = []
-    for row in range(n):
-        vector = np.ascontiguousarray(features[row])
-        digest = sha256_hex(vector.tobytes())
-        external_id = str(item_ids[row]) if item_ids is not None else digest[:16]
-        label = str(labels[row]) if labels is not None and str(labels[row]) else None
-        finite = bool(np.isfinite(vector).all())
-        candidates.append(
-            Candidate(
-                external_id=_check_item_id(external_id),
-                uri=f"{source}#row={row}",
-                content_hash=digest,
-                label=label,
-                data=vector if finite else None,
-                unreadable_reason=None if finite else "features contain NaN or infinity",
-            )
-        )
-    return candidates
-
-
-def _image_candidate(
-    reader: SourceReader,
-    location: Location,
-    *,
-    external_id: str,
-    label: str | None,
-    size: int,
-    channels: int,
-) -> Candidate:
-    data = reader.read(location)
-    digest = sha256_hex(data)
-    try:
-        pixels: NDArray[Any] | None = decode_image(data, size=size, channels=channels)
-        reason = None
-    except ValueError as error:
-        pixels, reason = None, str(error)[:1000]
-    return Candidate(external_id, location.uri(), digest, label, pixels, reason)
-
-
-def read_candidates(
-    source: Location, project: Project, reader: SourceReader, roots: Sequence[str]
-) -> list[Candidate]:
-    """Every item a source describes, decoded (nothing stored yet)."""
-    suffix = posixpath.splitext(source.path)[1].lower()
-    image_args = {"size": project.image_size or 32, "channels": project.image_channels or 1}
-    if suffix == ".npz":
-        if project.modality != "features":
-            raise InvalidInput(f"an .npz holds features; project {project.name!r} is images")
-        return _from_npz(reader.read(source, limit=MAX_TABLE_BYTES), source.uri())
-    if project.modality == "features":
-        raise InvalidInput(
-            f"project {project.name!r} takes features: give an .npz with a 'features' array"
-        )
-    if suffix in (".csv", ".jsonl", ".ndjson", ".parquet", ".pq"):
-        table = read_table_bytes(
-            reader.read(source, limit=MAX_TABLE_BYTES), table_format(source.path), name=source.uri()
-        )
-        for column in ("item_id", "uri"):
-            if column not in table.column_names:
-                raise InvalidInput(f"{source.uri()}: a manifest needs columns item_id, uri")
-        rows = table.to_pylist()
-        jobs = []
-        for row in rows:
-            uri = str(row["uri"] or "")
-            location = locate(uri, roots) if "://" in uri else source.parent().child(uri)
-            label = row.get("label")
-            jobs.append((location, _check_item_id(str(row["item_id"] or "")), label or None))
-    elif reader.is_folder(source):
-        jobs = [
-            (loc, loc.path[len(source.path) :].lstrip("/"), None)
-            for loc in reader.list_files(source)
-        ]
-        if not jobs:
-            raise InvalidInput(f"{source.uri()}: no image files found")
-    else:
-        raise InvalidInput(
-            f"{source.uri()}: expected a folder, a manifest (.csv/.jsonl/.parquet) or an .npz"
-        )
-    with ThreadPoolExecutor(max_workers=_IO_THREADS) as pool:
-        return list(
-            pool.map(
-                lambda job: _image_candidate(
-                    reader, job[0], external_id=job[1], label=job[2], **image_args
-                ),
-                jobs,
-            )
-        )
 
 
 SHARD_FORMAT = "focalloop.pool-shard/1"

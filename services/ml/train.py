@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 from sklearn.model_selection import train_test_split
 from torch import Tensor
 
-from services.errors import NonFiniteLossError
+from services.errors import DeviceUnavailable, NonFiniteLossError
 from services.ml.calibration import calibrated_probs, fit_temperature
 from services.ml.losses import AlphaScheme, FocalLoss, class_priors, init_prior_bias_
 from services.ml.metrics import expected_calibration_error
@@ -131,9 +131,13 @@ class TrainResult:
 
 
 def resolve_device(choice: DeviceChoice) -> torch.device:
-    """CUDA when asked for (error if absent) or when "auto" finds one; otherwise the CPU."""
+    """CUDA when asked for (DeviceUnavailable if absent) or when "auto" finds one; otherwise
+    the CPU."""
     if choice == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but no CUDA device is available")
+        raise DeviceUnavailable(
+            "device 'cuda' was requested (FOCALLOOP_DEVICE) but no CUDA device is available "
+            "on this machine; set FOCALLOOP_DEVICE=cpu or auto"
+        )
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")

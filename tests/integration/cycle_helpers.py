@@ -9,10 +9,13 @@ import pyarrow as pa
 import sqlalchemy as sa
 from sqlmodel import select
 
-from services import cycles, db
+from labeling.simulated import set_simulated_labeler
+from services import db
 from services.config import Settings
+from services.cycle.flow import Stage, Step
+from services.cycle.runner import run_cycle
+from services.cycle.stages import run_step
 from services.datasets.pool import add_to_pool
-from services.local import run_cycle_in_process
 from services.models import Cycle, CycleSelection, Project
 from services.projects import ProjectSpec, create_project
 from tests.conftest import Digits
@@ -75,13 +78,23 @@ def make_digits_project(
             settings=settings,
             trusted_roots=[f"file://{folder}"],
         )
-        cycles.set_simulated_labeler(session, name, truth, settings, annotator="sim")
+        set_simulated_labeler(session, name, truth, settings, annotator="sim")
     return DigitsProject(name=name, n_items=n_items)
 
 
 def run_stages(engine: sa.Engine, cycle_id: int, settings: Settings) -> None:
-    """train -> every chunk -> select -> hand off -> ingest, as the tasks chain them."""
-    run_cycle_in_process(engine, cycle_id, settings)
+    """train -> every chunk -> select -> hand off -> ingest: the flow, in this process."""
+    run_cycle(engine, cycle_id, settings)
+
+
+def stage(engine: sa.Engine, settings: Settings, what: Stage, target: int) -> list[Step]:
+    """Run one stage on a cycle (or a chunk) and return the steps that follow it."""
+    return run_step(engine, settings, Step(what, target))
+
+
+def chunk_ids(steps: list[Step]) -> list[int]:
+    """The chunks a train step fanned out to."""
+    return [step.target for step in steps if step.stage == Stage.SCORE]
 
 
 def cycle_row(engine: sa.Engine, cycle_id: int) -> Cycle:

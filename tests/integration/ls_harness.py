@@ -15,8 +15,8 @@ import uvicorn
 from fastapi import FastAPI
 from sqlmodel import col, func, select
 
-from labeling.gateway import LabelStudioGateway
-from labeling.server import LocalLabelStudio, default_cache_dir, ensure_installed
+from labeling.label_studio.gateway import LabelStudioGateway
+from labeling.label_studio.server import LocalLabelStudio, default_cache_dir, ensure_installed
 from services import db
 from services.models import InboxEvent
 from tests.integration.conftest import free_port, unavailable

@@ -15,9 +15,11 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlmodel import col, func, select
 
-from services import cycles, db
+from labeling.simulated import set_simulated_labeler
+from services import db
 from services.api.app import create_app
 from services.config import Settings
+from services.cycle.trigger import maybe_start_cycle
 from services.ml.checkpoint import load_checkpoint
 from services.ml.score import score
 from services.models import Annotation, Cycle, Item, ItemStatus, ModelVersion, ScoreChunk
@@ -74,10 +76,14 @@ def test_a_project_is_run_and_watched_through_the_api(
             "batch_size": 20,
             "retrain_min_new_labels": 20,
             "gate": {"eval_fraction": 0.05, "min_labels_per_class": 1},
+            # Seed 1: the first cycle's k-means picks include an eight, so the second cycle
+            # has two classes to train on (seed 0's ten picks hold none).
+            "seed": 1,
         },
     )
     assert answer.status_code == 201, answer.text
     created = answer.json()
+    assert created["seed"] == 1
     assert created["store_url"] == f"file://{(tmp_path / 'data').resolve()}/stores/{name}"
     assert (
         client.post("/api/v1/projects", headers=write, json={**created, "name": name}).status_code
@@ -108,7 +114,7 @@ def test_a_project_is_run_and_watched_through_the_api(
     with db.session_scope(api.engine) as session:
         import pyarrow as pa
 
-        cycles.set_simulated_labeler(
+        set_simulated_labeler(
             session,
             name,
             pa.table({"item_id": ids.tolist(), "label": truth.tolist()}),
@@ -131,7 +137,7 @@ def test_a_project_is_run_and_watched_through_the_api(
     busy = client.post(f"/api/v1/projects/{name}/cycles", headers=write)
     assert busy.status_code == 409
     run_stages(api.engine, first, api_settings)
-    second = cycles.maybe_start_cycle(api.engine, name, api_settings)
+    second = maybe_start_cycle(api.engine, name, api_settings)
     assert second is not None
     run_stages(api.engine, second.id or 0, api_settings)
 

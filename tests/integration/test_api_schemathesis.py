@@ -15,13 +15,14 @@ from hypothesis import HealthCheck, given, settings
 from pydantic import SecretStr
 from schemathesis.config import SchemathesisConfig
 
+from labeling.simulated import set_simulated_labeler
 from services import db
 from services.api.app import create_app
 from services.auth import create_token
 from services.config import Settings
-from services.cycles import maybe_start_cycle, set_simulated_labeler
+from services.cycle.runner import run_cycle
+from services.cycle.trigger import maybe_start_cycle
 from services.datasets.pool import add_to_pool
-from services.local import run_cycle_in_process
 from services.projects import ProjectSpec, create_project, get_project
 from tests.conftest import Digits
 from tests.integration.conftest import PrivateRedis
@@ -88,7 +89,7 @@ def app_under_test(tmp_path_factory: pytest.TempPathFactory, digits: Digits) -> 
     for _ in range(2):
         cycle = maybe_start_cycle(engine, "alpha", settings)
         assert cycle is not None
-        run_cycle_in_process(engine, cycle.id or 0, settings)
+        run_cycle(engine, cycle.id or 0, settings)
     app = create_app(settings, engine=engine)
     app.state.test_engine = engine
     yield app

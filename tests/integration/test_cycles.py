@@ -12,10 +12,14 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import col, func, select
 
-from services import cycles, db
+from services import db
 from services.config import Settings
+from services.cycle import recover, start, train, trigger
+from services.cycle.flow import Stage, Step
+from services.cycle.ingest import ingest_events
+from services.cycle.leases import claim_chunk
 from services.datasets.pool import add_to_pool
-from services.datasets.snapshot import model_lineage
+from services.datasets.snapshot import get_version, model_lineage
 from services.errors import Conflict, InvalidInput, NonFiniteLossError, TransientError
 from services.models import (
     Annotation,
@@ -29,10 +33,12 @@ from services.models import (
 from services.projects import get_project, pool_counts, set_paused, update_project
 from tests.conftest import Digits
 from tests.integration.cycle_helpers import (
+    chunk_ids,
     cycle_row,
     make_digits_project,
     run_stages,
     selected_items,
+    stage,
 )
 
 
@@ -41,8 +47,8 @@ def cycle_settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"pool_shard_items": 200, "lease_s": 30.0})
 
 
-def start(engine: sa.Engine, name: str, settings: Settings) -> int:
-    cycle = cycles.maybe_start_cycle(engine, name, settings)
+def begin(engine: sa.Engine, name: str, settings: Settings) -> int:
+    cycle = trigger.maybe_start_cycle(engine, name, settings)
     assert cycle is not None
     return cycle.id or 0
 
@@ -51,7 +57,7 @@ def test_cycles_run_and_each_trains_on_the_version_the_last_one_produced(
     engine: sa.Engine, cycle_settings: Settings, digits: Digits, tmp_path: Path
 ) -> None:
     project = make_digits_project(engine, cycle_settings, digits, tmp_path)
-    first = start(engine, project.name, cycle_settings)
+    first = begin(engine, project.name, cycle_settings)
     assert cycle_row(engine, first).trigger == "first cycle"
     run_stages(engine, first, cycle_settings)
     done = cycle_row(engine, first)
@@ -62,7 +68,7 @@ def test_cycles_run_and_each_trains_on_the_version_the_last_one_produced(
         assert (counts["labeled"], counts["unlabeled"]) == (20, 580)
 
     # Nothing new since: beat starts nothing while below the threshold... but 20 labels arrived.
-    second = start(engine, project.name, cycle_settings)
+    second = begin(engine, project.name, cycle_settings)
     row = cycle_row(engine, second)
     assert (row.trigger, row.dataset_version) == ("20 new labels", 1)
     run_stages(engine, second, cycle_settings)
@@ -78,7 +84,7 @@ def test_cycles_run_and_each_trains_on_the_version_the_last_one_produced(
         "done",
     ]
 
-    third = start(engine, project.name, cycle_settings)
+    third = begin(engine, project.name, cycle_settings)
     run_stages(engine, third, cycle_settings)
     row = cycle_row(engine, third)
     assert (row.dataset_version, row.model_version) == (2, 2)
@@ -102,19 +108,22 @@ def test_every_stage_is_harmless_when_redelivered(
     engine: sa.Engine, cycle_settings: Settings, digits: Digits, tmp_path: Path
 ) -> None:
     project = make_digits_project(engine, cycle_settings, digits, tmp_path)
-    run_stages(engine, start(engine, project.name, cycle_settings), cycle_settings)
-    cycle_id = start(engine, project.name, cycle_settings)
-    outcome = cycles.train_cycle(engine, cycle_id, cycle_settings)
-    assert cycles.train_cycle(engine, cycle_id, cycle_settings) == cycles.TrainOutcome()
-    for chunk_id in outcome.chunk_ids:
-        cycles.score_chunk(engine, chunk_id, cycle_settings, worker="a")
-        assert cycles.score_chunk(engine, chunk_id, cycle_settings, worker="b").scored == 0
-    assert cycles.select_cycle(engine, cycle_id, cycle_settings) is True
-    assert cycles.select_cycle(engine, cycle_id, cycle_settings) is False
-    events = cycles.hand_off(engine, cycle_id, cycle_settings)
-    assert cycles.hand_off(engine, cycle_id, cycle_settings) == []
-    assert cycles.ingest_events(engine, events).stored == 20
-    again = cycles.ingest_events(engine, events)
+    run_stages(engine, begin(engine, project.name, cycle_settings), cycle_settings)
+    cycle_id = begin(engine, project.name, cycle_settings)
+    chunks = chunk_ids(stage(engine, cycle_settings, Stage.TRAIN, cycle_id))
+    assert stage(engine, cycle_settings, Stage.TRAIN, cycle_id) == []
+    for chunk_id in chunks:
+        stage(engine, cycle_settings, Stage.SCORE, chunk_id)
+        assert stage(engine, cycle_settings, Stage.SCORE, chunk_id) == []
+    with db.session_scope(engine) as session:
+        redone = session.exec(select(ScoreChunk).where(ScoreChunk.cycle_id == cycle_id)).all()
+        assert {chunk.attempts for chunk in redone} == {1}  # the second delivery scored nothing
+    assert stage(engine, cycle_settings, Stage.SELECT, cycle_id) == [Step(Stage.HAND_OFF, cycle_id)]
+    assert stage(engine, cycle_settings, Stage.SELECT, cycle_id) == []
+    (ingest,) = stage(engine, cycle_settings, Stage.HAND_OFF, cycle_id)
+    assert stage(engine, cycle_settings, Stage.HAND_OFF, cycle_id) == []
+    assert ingest_events(engine, ingest.event_ids).stored == 20
+    again = ingest_events(engine, ingest.event_ids)
     assert (again.stored, again.duplicates) == (0, 20)
     with db.session_scope(engine) as session:
         p = get_project(session, project.name)
@@ -133,24 +142,26 @@ def test_cancel_stops_a_pending_cycle_at_once_and_a_running_one_at_its_next_chec
     engine: sa.Engine, cycle_settings: Settings, digits: Digits, tmp_path: Path
 ) -> None:
     project = make_digits_project(engine, cycle_settings, digits, tmp_path)
-    first = start(engine, project.name, cycle_settings)
+    first = begin(engine, project.name, cycle_settings)
     with db.session_scope(engine) as session:
-        assert cycles.cancel_cycle(session, project.name).state == "cancelled"
-    assert cycles.train_cycle(engine, first, cycle_settings) == cycles.TrainOutcome()
+        assert start.cancel_cycle(session, project.name).state == "cancelled"
+    assert stage(engine, cycle_settings, Stage.TRAIN, first) == []
     with db.session_scope(engine) as session:
-        second = cycles.start_cycle(session, project.name, trigger="test", settings=cycle_settings)
-    assert cycles.train_cycle(engine, second.id or 0, cycle_settings).select  # cold start
-    assert cycles.select_cycle(engine, second.id or 0, cycle_settings)
+        second = start.start_cycle(session, project.name, trigger="test", settings=cycle_settings)
+    second_id = second.id or 0
+    cold = stage(engine, cycle_settings, Stage.TRAIN, second_id)
+    assert cold == [Step(Stage.SELECT, second_id)]  # cold start
+    assert stage(engine, cycle_settings, Stage.SELECT, second_id)
     with db.session_scope(engine) as session:
-        cycles.cancel_cycle(session, project.name)
-    assert cycles.hand_off(engine, second.id or 0, cycle_settings) == []
+        start.cancel_cycle(session, project.name)
+    assert stage(engine, cycle_settings, Stage.HAND_OFF, second_id) == []
     assert cycle_row(engine, second.id or 0).state == "cancelled"
     with db.session_scope(engine) as session:
         # The cancelled cycle's selection went back to the pool.
         counts = pool_counts(session, get_project(session, project.name)).by_status
         assert (counts["selected"], counts["unlabeled"]) == (0, 600)
         with pytest.raises(Exception, match="no active cycle"):
-            cycles.cancel_cycle(session, project.name)
+            start.cancel_cycle(session, project.name)
 
 
 def test_paused_projects_and_spent_budgets_start_nothing(
@@ -161,38 +172,47 @@ def test_paused_projects_and_spent_budgets_start_nothing(
     )
     with db.session_scope(engine) as session:
         set_paused(session, project.name, paused=True)
-    assert cycles.maybe_start_cycle(engine, project.name, cycle_settings) is None
+    assert trigger.maybe_start_cycle(engine, project.name, cycle_settings) is None
     with db.session_scope(engine) as session, pytest.raises(InvalidInput, match="paused"):
-        cycles.start_cycle(session, project.name, trigger="cli", settings=cycle_settings)
+        start.start_cycle(session, project.name, trigger="cli", settings=cycle_settings)
     with db.session_scope(engine) as session:
         set_paused(session, project.name, paused=False)
-    first = start(engine, project.name, cycle_settings)
+    first = begin(engine, project.name, cycle_settings)
     run_stages(engine, first, cycle_settings)
-    second = start(engine, project.name, cycle_settings)
+    second = begin(engine, project.name, cycle_settings)
     run_stages(engine, second, cycle_settings)
     assert cycle_row(engine, second).selected_count == 10  # the 30-label budget caps the batch
-    assert cycles.maybe_start_cycle(engine, project.name, cycle_settings) is None
+    # The budget is spent: one last cycle trains on the last labels and asks for nothing.
+    last = begin(engine, project.name, cycle_settings)
+    assert cycle_row(engine, last).trigger == "budget spent: training on the last 10 labels"
+    run_stages(engine, last, cycle_settings)
+    final = cycle_row(engine, last)
+    assert (final.state, final.dataset_version, final.model_version) == ("done", 2, 2)
+    assert (final.selected_count, final.chunks_total) == (0, 0)
+    with db.session_scope(engine) as session:
+        assert get_version(session, get_project(session, project.name), 2).row_count == 30
+    assert trigger.maybe_start_cycle(engine, project.name, cycle_settings) is None
     with db.session_scope(engine) as session, pytest.raises(InvalidInput, match="budget"):
-        cycles.start_cycle(session, project.name, trigger="cli", settings=cycle_settings)
+        start.start_cycle(session, project.name, trigger="cli", settings=cycle_settings)
 
 
 def test_cron_starts_a_cycle_without_new_labels(
     engine: sa.Engine, cycle_settings: Settings, digits: Digits, tmp_path: Path
 ) -> None:
     project = make_digits_project(engine, cycle_settings, digits, tmp_path)
-    first = start(engine, project.name, cycle_settings)
+    first = begin(engine, project.name, cycle_settings)
     run_stages(engine, first, cycle_settings)
-    second = start(engine, project.name, cycle_settings)
+    second = begin(engine, project.name, cycle_settings)
     run_stages(engine, second, cycle_settings)
     with db.session_scope(engine) as session:
         update_project(session, project.name, retrain_min_new_labels=1000)
     created = cycle_row(engine, second).created_at
-    assert cycles.maybe_start_cycle(engine, project.name, cycle_settings, now=created) is None
+    assert trigger.maybe_start_cycle(engine, project.name, cycle_settings, now=created) is None
     with db.session_scope(engine) as session:
         update_project(session, project.name, retrain_cron="*/5 * * * *")
     later = created + timedelta(minutes=6)
-    assert cycles.maybe_start_cycle(engine, project.name, cycle_settings, now=created) is None
-    cycle = cycles.maybe_start_cycle(engine, project.name, cycle_settings, now=later)
+    assert trigger.maybe_start_cycle(engine, project.name, cycle_settings, now=created) is None
+    cycle = trigger.maybe_start_cycle(engine, project.name, cycle_settings, now=later)
     assert cycle is not None
     assert cycle.trigger == "cron */5 * * * *"
 
@@ -202,26 +222,26 @@ def test_recovery_reenqueues_expired_leases_and_fails_after_the_attempt_limit(
 ) -> None:
     settings = cycle_settings.model_copy(update={"max_chunk_attempts": 2, "lease_s": 5.0})
     project = make_digits_project(engine, settings, digits, tmp_path)
-    run_stages(engine, start(engine, project.name, settings), settings)
-    cycle_id = start(engine, project.name, settings)
-    chunk_ids = cycles.train_cycle(engine, cycle_id, settings).chunk_ids
+    run_stages(engine, begin(engine, project.name, settings), settings)
+    cycle_id = begin(engine, project.name, settings)
+    chunks = chunk_ids(stage(engine, settings, Stage.TRAIN, cycle_id))
     with db.session_scope(engine) as session:
-        claimed = cycles._claim_chunk(session, chunk_ids[0], "dead-worker", settings)
+        claimed = claim_chunk(session, chunks[0], "dead-worker", settings)
     assert claimed == 1
     soon = utcnow() + timedelta(seconds=1)
-    assert cycles.recover_stalled(engine, settings, now=soon).chunk_ids == []  # lease still live
+    assert recover.recover_stalled(engine, settings, now=soon).chunk_ids == []  # lease still live
     later = utcnow() + timedelta(seconds=10)
-    expired = cycles.recover_stalled(engine, settings, now=later, stale_s=3600)
-    assert expired.chunk_ids == [chunk_ids[0]]
+    expired = recover.recover_stalled(engine, settings, now=later, stale_s=3600)
+    assert expired.chunk_ids == [chunks[0]]
     # Pending chunks untouched for a lease may have lost their message: enqueued again too.
-    assert cycles.recover_stalled(engine, settings, now=later).chunk_ids == chunk_ids
+    assert recover.recover_stalled(engine, settings, now=later).chunk_ids == chunks
     with db.session_scope(engine) as session:
         session.execute(
             sa.update(ScoreChunk)
-            .where(col(ScoreChunk.id) == chunk_ids[0])
+            .where(col(ScoreChunk.id) == chunks[0])
             .values(attempts=2, lease_expires_at=utcnow() - timedelta(seconds=1))
         )
-    recovery = cycles.recover_stalled(engine, settings)
+    recovery = recover.recover_stalled(engine, settings)
     assert recovery.failed_cycle_ids == [cycle_id]
     failed = cycle_row(engine, cycle_id)
     assert failed.state == "failed"
@@ -233,7 +253,7 @@ def test_a_chunk_that_fails_every_time_fails_the_cycle_after_n_attempts(
 ) -> None:
     settings = cycle_settings.model_copy(update={"max_chunk_attempts": 3})
     project = make_digits_project(engine, settings, digits, tmp_path)
-    run_stages(engine, start(engine, project.name, settings), settings)
+    run_stages(engine, begin(engine, project.name, settings), settings)
     # A later batch of items lands in a shard of its own; damage it behind focalloop's back.
     extra = tmp_path / "extra.npz"
     np.savez(extra, features=digits.features[1000:1100] + 0.001)
@@ -246,8 +266,8 @@ def test_a_chunk_that_fails_every_time_fails_the_cycle_after_n_attempts(
             trusted_roots=[f"file://{tmp_path}"],
         )
     (tmp_path / "store" / report.shards[0]).write_bytes(b"PAR1 damaged")
-    cycle_id = start(engine, project.name, settings)
-    outcome = cycles.train_cycle(engine, cycle_id, settings)
+    cycle_id = begin(engine, project.name, settings)
+    chunks = chunk_ids(stage(engine, settings, Stage.TRAIN, cycle_id))
     with db.session_scope(engine) as session:
         bad_id = session.exec(
             select(ScoreChunk.id).where(
@@ -257,10 +277,10 @@ def test_a_chunk_that_fails_every_time_fails_the_cycle_after_n_attempts(
     bad = bad_id or 0
     for attempt in (1, 2):
         with pytest.raises(TransientError, match=f"attempt {attempt} failed"):
-            cycles.score_chunk(engine, bad, settings, worker="w")
-    cycles.score_chunk(engine, bad, settings, worker="w")  # the last attempt gives up
-    for chunk_id in outcome.chunk_ids:
-        cycles.score_chunk(engine, chunk_id, settings, worker="w")  # the others find it failed
+            stage(engine, settings, Stage.SCORE, bad)
+    stage(engine, settings, Stage.SCORE, bad)  # the last attempt gives up
+    for chunk_id in chunks:
+        stage(engine, settings, Stage.SCORE, chunk_id)  # the others find it failed
     failed = cycle_row(engine, cycle_id)
     assert failed.state == "failed"
     assert "failed 3 times" in (failed.failure_reason or "")
@@ -268,7 +288,7 @@ def test_a_chunk_that_fails_every_time_fails_the_cycle_after_n_attempts(
     with db.session_scope(engine) as session:
         chunk = session.get(ScoreChunk, bad)
         assert chunk is not None and (chunk.state, chunk.attempts) == ("failed", 3)
-    assert cycles.select_cycle(engine, cycle_id, settings) is False
+    assert stage(engine, settings, Stage.SELECT, cycle_id) == []
 
 
 def _start_together(
@@ -283,7 +303,7 @@ def _start_together(
     barrier.wait()
     try:
         with db.session_scope(engine) as session:
-            cycles.start_cycle(session, name, trigger="race", settings=settings)
+            start.start_cycle(session, name, trigger="race", settings=settings)
         results.put("started")
     except Conflict:
         results.put("conflict")
@@ -354,12 +374,12 @@ def test_one_broken_project_does_not_stop_the_others_from_starting(
     store = tmp_path / "broken" / "store"
     shutil.rmtree(store)
     store.write_text("not a folder")
-    started = cycles.start_due_cycles(engine, cycle_settings)
+    started = trigger.start_due_cycles(engine, cycle_settings)
     names = {cycle_row(engine, cycle.id or 0).project_id for cycle in started}
     with db.session_scope(engine) as session:
         assert get_project(session, healthy.name).id in names
         assert get_project(session, broken.name).id not in names
-        assert cycles.active_cycle(session, get_project(session, broken.name)) is None
+        assert start.active_cycle(session, get_project(session, broken.name)) is None
 
 
 def test_a_permanent_training_error_fails_the_cycle_at_once_with_its_reason(
@@ -370,14 +390,14 @@ def test_a_permanent_training_error_fails_the_cycle_at_once_with_its_reason(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     project = make_digits_project(engine, cycle_settings, digits, tmp_path)
-    run_stages(engine, start(engine, project.name, cycle_settings), cycle_settings)
-    cycle_id = start(engine, project.name, cycle_settings)
+    run_stages(engine, begin(engine, project.name, cycle_settings), cycle_settings)
+    cycle_id = begin(engine, project.name, cycle_settings)
 
     def diverge(**_: object) -> None:
         raise NonFiniteLossError(epoch=3, step=7, value=float("nan"))
 
-    monkeypatch.setattr(cycles, "train_stage", diverge)
-    assert cycles.train_cycle(engine, cycle_id, cycle_settings) == cycles.TrainOutcome()
+    monkeypatch.setattr(train, "fit", diverge)
+    assert stage(engine, cycle_settings, Stage.TRAIN, cycle_id) == []
     failed = cycle_row(engine, cycle_id)
     assert failed.state == "failed"
     assert "training failed: training loss became non-finite" in (failed.failure_reason or "")

@@ -2,13 +2,16 @@
 
 from pathlib import Path
 
-from services import cycles, db
+from services import db
 from services.config import Settings
-from services.local import InProcessLoop
+from services.cycle.flow import Stage, Step
+from services.cycle.ingest import pending_events
+from services.cycle.runner import InProcessLoop
+from services.cycle.trigger import maybe_start_cycle
 from services.models import ItemStatus
 from services.projects import get_project, pool_counts
 from tests.conftest import Digits
-from tests.integration.cycle_helpers import cycle_row, make_digits_project
+from tests.integration.cycle_helpers import cycle_row, make_digits_project, stage
 
 
 def test_answers_left_uningested_by_a_failed_pass_are_ingested_by_the_next(
@@ -18,17 +21,18 @@ def test_answers_left_uningested_by_a_failed_pass_are_ingested_by_the_next(
     engine = db.make_engine(f"sqlite:///{tmp_path / 'state.db'}")
     db.upgrade(engine)
     project = make_digits_project(engine, settings, digits, tmp_path)
-    cycle = cycles.maybe_start_cycle(engine, project.name, settings)
+    cycle = maybe_start_cycle(engine, project.name, settings)
     assert cycle is not None and cycle.id is not None
-    assert cycles.train_cycle(engine, cycle.id, settings).select  # cold start
-    assert cycles.select_cycle(engine, cycle.id, settings)
+    assert stage(engine, settings, Stage.TRAIN, cycle.id) == [Step(Stage.SELECT, cycle.id)]
+    assert stage(engine, settings, Stage.SELECT, cycle.id)
     # The pass stops here, as when ingest raised: the answers are stored, not applied.
-    assert len(cycles.hand_off(engine, cycle.id, settings)) == 20
+    (ingest,) = stage(engine, settings, Stage.HAND_OFF, cycle.id)
+    assert len(ingest.event_ids) == 20
     with db.session_scope(engine) as session:
-        assert len(cycles.pending_events(session)) == 20
+        assert len(pending_events(session)) == 20
     InProcessLoop(engine, settings).recover()
     with db.session_scope(engine) as session:
-        assert cycles.pending_events(session) == []
+        assert pending_events(session) == []
         counts = pool_counts(session, get_project(session, project.name)).by_status
     assert counts[ItemStatus.LABELED] == 20
     assert cycle_row(engine, cycle.id).state == "done"

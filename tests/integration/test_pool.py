@@ -16,7 +16,9 @@ from sqlmodel import Session, select
 
 from services import db
 from services.config import Settings
-from services.datasets.pool import add_to_pool, decode_image, load_shard, locate
+from services.datasets.decode import decode_image
+from services.datasets.pool import add_to_pool, load_shard
+from services.datasets.sources import locate
 from services.datasets.store import open_store, s3_client
 from services.errors import InvalidInput
 from services.models import Annotation, Item, Project

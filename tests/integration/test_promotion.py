@@ -9,11 +9,13 @@ from sqlmodel import col, select
 from services import db
 from services.audit import list_entries
 from services.config import Settings
-from services.cycles import start_cycle
+from services.cycle.start import start_cycle
 from services.datasets.snapshot import snapshot
 from services.datasets.store import open_store
 from services.datasets.versions import read_version
 from services.errors import Conflict, InvalidInput
+from services.evaluation_set import reserve_eval_set
+from services.gate import INSUFFICIENT
 from services.models import (
     Cycle,
     CycleSelection,
@@ -25,11 +27,11 @@ from services.models import (
     utcnow,
 )
 from services.projects import get_project
-from services.promotion import INSUFFICIENT, make_current, reserve_eval_set
+from services.promotion import make_current
 from services.state import AnnotationInput, record_annotations
 from tests.conftest import Digits
 from tests.integration.cycle_helpers import cycle_row, make_digits_project, run_stages
-from tests.integration.test_cycles import start
+from tests.integration.test_cycles import begin
 
 pytestmark = pytest.mark.slow
 
@@ -73,13 +75,13 @@ def test_evaluation_items_go_first_are_never_trained_on_and_gate_promotion(
         tmp_path,
         gate={"eval_fraction": 0.1, "min_labels_per_class": 2, "recall_tolerance": 0.05},
     )
-    first = start(engine, project.name, cycle_settings)
+    first = begin(engine, project.name, cycle_settings)
     evaluation = _eval_ids(engine, project.name)
     assert len(evaluation) == 60  # 10% of 600
     for _ in range(7):
         run_stages(engine, first, cycle_settings)
         assert cycle_row(engine, first).state == "done"
-        first = start(engine, project.name, cycle_settings)
+        first = begin(engine, project.name, cycle_settings)
     run_stages(engine, first, cycle_settings)
     # Reserving again adds nothing: the set is at its size and only grows with the pool.
     with db.session_scope(engine) as session:

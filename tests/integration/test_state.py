@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlmodel import Session, SQLModel, select
+from sqlmodel import Session, SQLModel, col, select
 
 from services import db
 from services.errors import Conflict, IllegalTransition, InvalidInput, NotFound
@@ -335,7 +335,7 @@ def test_cycle_transitions_follow_the_table(
 ) -> None:
     with db.session_scope(engine) as session:
         project = make_project(session)
-        cycle = Cycle(project_id=project.id or 0, trigger="test", state=current)
+        cycle = Cycle(project_id=project.id or 0, number=1, trigger="test", state=current)
         session.add(cycle)
         session.flush()
         if target in CYCLE_TRANSITIONS[current]:
@@ -354,9 +354,13 @@ def test_at_most_one_active_cycle_per_project_is_enforced_by_the_database(
     with db.session_scope(engine) as session:
         project_id = make_project(session).id or 0
         first = create_cycle(session, project_id=project_id, trigger="cli")
-    # A plain insert that skips create_cycle's error handling still cannot get past the index.
+    assert first.number == 1
+    # A plain insert that skips create_cycle's error handling still cannot get past the index,
+    # nor reuse a cycle number.
     with pytest.raises(sa.exc.IntegrityError):
-        insert_row(engine, Cycle(project_id=project_id, trigger="race"))
+        insert_row(engine, Cycle(project_id=project_id, number=2, trigger="race"))
+    with pytest.raises(sa.exc.IntegrityError):
+        insert_row(engine, Cycle(project_id=project_id, number=1, trigger="copy", state="done"))
     with db.session_scope(engine) as session, pytest.raises(Conflict, match="active cycle"):
         create_cycle(session, project_id=project_id, trigger="beat")
     with db.session_scope(engine) as session:
@@ -364,7 +368,7 @@ def test_at_most_one_active_cycle_per_project_is_enforced_by_the_database(
             transition_cycle(session, first.id or 0, CycleState.FAILED)
         transition_cycle(session, first.id or 0, CycleState.FAILED, reason="worker lost")
         second = create_cycle(session, project_id=project_id, trigger="beat")
-        assert second.id != first.id
+        assert second.id != first.id and second.number == 2
 
 
 def test_upgrading_a_database_with_rows_keeps_them_and_fills_new_columns(
@@ -391,9 +395,26 @@ def test_upgrading_a_database_with_rows_keeps_them_and_fills_new_columns(
             ),
             {"now": T0},
         )
+    db.upgrade(target, "0004")
+    with target.begin() as connection:
+        project_id = connection.execute(sa.text("SELECT id FROM project")).scalar_one()
+        for state in ("done", "failed", "pending"):
+            connection.execute(
+                sa.text(
+                    "INSERT INTO cycle (project_id, state, trigger, cancel_requested, "
+                    "train_attempts, timeline, chunks_done, created_at, updated_at) VALUES "
+                    "(:project, :state, 'old', false, 0, '[]', 0, :now, :now)"
+                ),
+                {"project": project_id, "state": state, "now": T0},
+            )
     db.upgrade(target)
     with db.session_scope(target) as session:
         project = get_project(session, "old-project")
         assert project.labeler == {"kind": "none"}
         assert project.labels == ["a", "b"]
+        assert project.seed == 0
+        numbers = session.exec(
+            select(Cycle.number).where(Cycle.project_id == project.id).order_by(col(Cycle.id))
+        ).all()
+        assert numbers == [1, 2, 3]
     target.dispose()

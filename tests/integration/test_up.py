@@ -150,8 +150,8 @@ def test_up_with_label_studio_puts_the_hardest_digits_in_front_of_a_person(
     assert up.wait_for("20 tasks in Label Studio", lambda: queued() == 20 or None, 300)
     project = up.get("/api/v1/projects/digits").json()
     assert project["labeler"] == "label_studio"
-    from labeling.gateway import LabelStudioGateway
-    from labeling.server import Credentials
+    from labeling.label_studio.gateway import LabelStudioGateway
+    from labeling.label_studio.server import Credentials
 
     gateway = LabelStudioGateway(
         f"http://127.0.0.1:{label_studio_port}", Credentials().token, timeout_s=30

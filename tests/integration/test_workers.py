@@ -22,8 +22,10 @@ import sqlalchemy as sa
 from celery import Celery
 from sqlmodel import col, select
 
-from services import cycles, db
+from services import db
 from services.config import Settings, child_environment
+from services.cycle.start import active_cycle, cancel_cycle, start_cycle
+from services.cycle.trigger import maybe_start_cycle
 from services.datasets.pool import add_to_pool
 from services.models import Cycle, ScoreChunk
 from services.projects import get_project, pool_counts, set_paused
@@ -161,10 +163,10 @@ def prepare_scoring_cycle(
     """A project whose cold-start cycle already ran in-process, and its next cycle, pending on
     the dataset version those labels became (so it trains and scores 3 chunks)."""
     project = make_digits_project(engine, settings, digits, folder)
-    first = cycles.maybe_start_cycle(engine, project.name, settings)
+    first = maybe_start_cycle(engine, project.name, settings)
     assert first is not None
     run_stages(engine, first.id or 0, settings)
-    second = cycles.maybe_start_cycle(engine, project.name, settings)
+    second = maybe_start_cycle(engine, project.name, settings)
     assert second is not None and second.dataset_version == 1
     return project, second.id or 0
 
@@ -250,7 +252,7 @@ def test_worker_and_beat_run_the_loop_end_to_end(
             with db.session_scope(engine) as session:
                 p = get_project(session, project.name)
                 counts = pool_counts(session, p).by_status
-                return cycles.active_cycle(session, p) is None and (
+                return active_cycle(session, p) is None and (
                     counts["queued"] + counts["selected"] == 0
                 )
 
@@ -284,7 +286,9 @@ def test_cycle_start_from_the_command_line(
     tmp_path: Path,
 ) -> None:
     project = make_digits_project(state, worker_settings, digits, tmp_path / "project")
-    running = cluster()
+    # Two GPUs as CUDA_VISIBLE_DEVICES names them (none exists here: "auto" falls back to the
+    # CPU for the work itself): each pool process pins one of them before it imports CUDA.
+    running = cluster(CUDA_VISIBLE_DEVICES="GPU-a,GPU-b")
     running.worker()
     result = subprocess.run(
         [FOCALLOOP, "cycle", "start", project.name],
@@ -307,6 +311,35 @@ def test_cycle_start_from_the_command_line(
         check=False,
     )
     assert '"state": "done"' in again.stdout
+    pinned = _pinned(running)
+    assert pinned == {"pool process 0 pinned to GPU GPU-a", "pool process 1 pinned to GPU GPU-b"}
+
+
+def _pinned(running: Cluster) -> set[str]:
+    """The worker log's pinning lines (JSON lines; anything else in the log is skipped)."""
+    found = set()
+    for line in running.log("worker").splitlines():
+        if line.startswith("{") and "pinned to GPU" in line:
+            found.add(json.loads(line)["message"])
+    return found
+
+
+def test_a_worker_told_to_use_cuda_on_a_host_without_one_refuses_to_start(
+    worker_settings: Settings, tmp_path: Path
+) -> None:
+    env = child_environment(
+        worker_settings.model_copy(update={"device": "cuda"}), CUDA_VISIBLE_DEVICES=""
+    )
+    result = subprocess.run(
+        [FOCALLOOP, "worker", "--queues", "gpu"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "FOCALLOOP_DEVICE=cuda but this host shows no GPU" in result.stderr
 
 
 def test_killed_pool_child_mid_chunk_is_redone(
@@ -389,7 +422,7 @@ def test_a_chunk_failing_every_time_fails_the_cycle_and_stops(
     settings = worker_settings.model_copy(update={"max_chunk_attempts": 3})
     project, _ = prepare_scoring_cycle(state, settings, digits, tmp_path / "p")
     with db.session_scope(state) as session:
-        cycles.cancel_cycle(session, project.name)
+        cancel_cycle(session, project.name)
         extra = tmp_path / "extra.npz"
         np.savez(extra, features=digits.features[1000:1100] + 0.001)
         report = add_to_pool(
@@ -401,7 +434,7 @@ def test_a_chunk_failing_every_time_fails_the_cycle_and_stops(
         )
     (tmp_path / "p" / "store" / report.shards[0]).write_bytes(b"PAR1 damaged")
     with db.session_scope(state) as session:
-        cycle_id = cycles.start_cycle(session, project.name, trigger="test", settings=settings).id
+        cycle_id = start_cycle(session, project.name, trigger="test", settings=settings).id
     assert cycle_id is not None
     running = cluster(FOCALLOOP_MAX_CHUNK_ATTEMPTS="3")
     running.worker()

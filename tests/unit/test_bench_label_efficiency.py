@@ -3,7 +3,8 @@
 import pytest
 
 from services.bench.label_efficiency import BENCH_ARMS, _median_labels, summarize_bench
-from services.simulate import Arm, RoundRecord, SeedRun, SimulationConfig, SimulationResult
+from services.simulation.config import Arm, SimulationConfig
+from services.simulation.records import RoundRecord, SeedRun, SimulationResult
 
 
 def _run(arm: Arm, seed: int, curve: list[tuple[int, float]]) -> SeedRun:

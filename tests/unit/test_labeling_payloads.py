@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
-from labeling.payloads import (
+from labeling.label_studio.payloads import (
     MAX_SHOWN_FEATURES,
     TaskSpec,
     annotator_name,
@@ -16,8 +16,8 @@ from labeling.payloads import (
     parse_time,
     task_payload,
 )
+from services.cycle.review import review_candidates
 from services.errors import InvalidInput
-from services.labelstudio import review_candidates
 
 
 def test_label_config_escapes_labels_and_names_the_object() -> None:

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 from services.errors import InvalidInput
+from services.evaluation_set import eval_target_size
+from services.gate import INSUFFICIENT, GateConfig, decide
 from services.ml.metrics import EvaluationReport, evaluate
 from services.models import Promotion
-from services.promotion import INSUFFICIENT, GateConfig, decide, eval_target_size
 
 LABELS = ["other", "eight"]
 TRUTH = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 1])

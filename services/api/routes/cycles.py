@@ -5,11 +5,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, status
 
-from services import cycles
 from services.api.deps import EngineDep, ReadDep, SessionDep, SettingsDep, WriteDep
 from services.api.routes.projects import ProjectName
 from services.api.schemas import ERRORS, CyclePublic
 from services.audit import record
+from services.cycle.start import cancel_cycle, start_cycle
 from services.db import session_scope
 from services.errors import Conflict
 from services.models import FINAL_CYCLE_STATES
@@ -58,9 +58,7 @@ def start(
     """Start a cycle now on the newest dataset version and enqueue its training. Refused for a
     paused project or a spent budget (422) and while another cycle is active (409)."""
     with session_scope(engine) as session:
-        cycle = cycles.start_cycle(
-            session, project, trigger=f"api ({who.actor})", settings=settings
-        )
+        cycle = start_cycle(session, project, trigger=f"api ({who.actor})", settings=settings)
         record(
             session,
             actor=who.actor,
@@ -94,7 +92,7 @@ def cancel(
     cycle = get_cycle(session, row, cycle_id)
     if cycle.state in FINAL_CYCLE_STATES:
         raise Conflict(f"cycle {cycle_id} already ended ({cycle.state})")
-    cancelled = cycles.cancel_cycle(session, project)
+    cancelled = cancel_cycle(session, project)
     record(
         session,
         actor=who.actor,

@@ -12,16 +12,18 @@ from sqlmodel import col
 from starlette.concurrency import run_in_threadpool
 
 from services.api.deps import EngineDep, ReadDep, SessionDep, SettingsDep, WriteDep
+from services.api.model_schemas import ModelPublic, Prediction, PredictPublic, PredictRequest
 from services.api.routes.projects import ProjectName
-from services.api.schemas import ERRORS, ModelPublic, Prediction, PredictPublic, PredictRequest
-from services.cycles import current_model, load_items, load_model, model_files
+from services.api.schemas import ERRORS
+from services.artifacts import load_model, model_files
+from services.artifacts import predict as predict_with
+from services.cycle.data import load_items
 from services.datasets.snapshot import model_lineage
 from services.db import session_scope
 from services.errors import InvalidInput, NotFound
-from services.ml.score import score
 from services.models import Item
 from services.projects import get_project
-from services.promotion import make_current
+from services.promotion import current_model, make_current
 from services.status import get_model, list_models
 
 router = APIRouter(prefix="/api/v1/projects/{project}", tags=["models"], responses=ERRORS)
@@ -133,13 +135,7 @@ async def predict(
                 names = [None] * len(inputs)
             labels = list(row.labels)
             version = model_row.version
-        probs = score(
-            checkpoint.model,
-            inputs,
-            spec=checkpoint.spec,
-            temperature=checkpoint.temperature,
-            device=settings.device,
-        ).probs
+        probs = predict_with(checkpoint, inputs, settings).probs
         return PredictPublic(
             model_version=version,
             predictions=[

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from services.api.deps import EngineDep, SettingsDep
 from services.api.schemas import CheckPublic, ReadyPublic
 from services.db import session_scope
-from services.readiness import check_broker, check_database, check_label_studio, check_stores
+from services.readiness import check_broker, check_database, check_labelers, check_stores
 
 router = APIRouter(tags=["operations"])
 
@@ -32,14 +32,14 @@ def health() -> Health:
 )
 async def ready(engine: EngineDep, settings: SettingsDep) -> JSONResponse:
     """Readiness: the database, the broker (Redis), every project's dataset store and every
-    connected Label Studio, each reported; 503 when any fails."""
+    project's labeling tool (Label Studio), each reported; 503 when any fails."""
 
     def run() -> ReadyPublic:
         checks = {"database": check_database(engine), "broker": check_broker(settings)}
         if checks["database"].ok:
             with session_scope(engine) as session:
                 checks["store"] = check_stores(session, settings)
-                checks["label_studio"] = check_label_studio(session, settings)
+                checks["labelers"] = check_labelers(session, settings)
         return ReadyPublic(
             ready=all(check.ok for check in checks.values()),
             checks={k: CheckPublic(ok=v.ok, detail=v.detail) for k, v in checks.items()},

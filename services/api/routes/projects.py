@@ -57,6 +57,7 @@ def create(
         retrain_min_new_labels=body.retrain_min_new_labels,
         retrain_cron=body.retrain_cron,
         gate=body.gate,
+        seed=body.seed,
     )
     project = create_project(session, spec)
     record(
@@ -100,6 +101,7 @@ def update(
         loss=body.loss,
         selection=body.selection,
         gate=body.gate,
+        seed=body.seed,
     )
     record(
         session,

@@ -1,4 +1,5 @@
-"""`simulate` and `demo`: input validation, exact aggregation, outputs, and the headline claim."""
+"""`simulate` and `demo` (the product's cycle with the simulated labeler): input validation,
+exact aggregation, outputs, and the headline claim."""
 
 import json
 import math
@@ -15,22 +16,15 @@ import pytest
 from numpy.typing import NDArray
 from scipy import stats
 
-from services.demo import digits_with_rare_class
+from services.config import Settings
 from services.errors import InvalidInput
-from services.simulate import (
-    Arm,
-    Dataset,
-    RoundRecord,
-    SeedRun,
-    SimulationConfig,
-    area_under_minority_f1,
-    labels_to_target,
-    load_dataset,
-    mean_ci95,
-    run_simulation,
-    with_random_baselines,
-)
-from services.simulate_report import plot_learning_curves, write_results
+from services.simulation.config import Arm, SimulationConfig, with_random_baselines
+from services.simulation.data import Dataset, load_dataset
+from services.simulation.demo import digits_with_rare_class
+from services.simulation.records import RoundRecord, SeedRun
+from services.simulation.report import plot_learning_curves, write_results
+from services.simulation.run import run_simulation
+from services.simulation.summary import area_under_minority_f1, labels_to_target, mean_ci95
 from tests.conftest import Digits
 
 FOCALLOOP = str(Path(sys.executable).with_name("focalloop"))
@@ -126,9 +120,9 @@ def test_requests_that_do_not_fit_the_data_are_refused(digits: Digits) -> None:
     data = Dataset(digits.features[:200], digits.labels[:200])
     arms = (Arm("default", "focal"),)
     with pytest.raises(InvalidInput, match="--rare-class 12 does not occur"):
-        run_simulation(data, SimulationConfig(arms=arms, rare_class=12))
+        run_simulation(data, SimulationConfig(arms=arms, rare_class=12), Settings())
     with pytest.raises(InvalidInput, match="--batch 500 is larger than the unlabeled pool"):
-        run_simulation(data, SimulationConfig(arms=arms, batch=500))
+        run_simulation(data, SimulationConfig(arms=arms, batch=500), Settings())
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path: Path) -> None:
@@ -163,7 +157,7 @@ def test_simulation_writes_results_and_plot(tmp_path: Path, digits: Digits) -> N
         rare_class=3,
         workers=1,
     )
-    summary = run_simulation(data, config).summary
+    summary = run_simulation(data, config, Settings()).summary
     assert summary["simulated"] is True and summary["annotator"]["kind"] == "simulated"
     assert [a["name"] for a in summary["arms"]] == ["default/focal", "random/focal"]
     for arm in summary["arms"]:
@@ -192,14 +186,14 @@ def test_budget_and_plateau_stop_the_loop(digits: Digits) -> None:
         rare_class=3,
         workers=1,
     )
-    (run_budget,) = run_simulation(data, config).runs
+    (run_budget,) = run_simulation(data, config, Settings()).runs
     assert [r.labels for r in run_budget.rounds] == [60, 70, 80, 85]
     assert run_budget.stop_reason == "budget"
     # The plateau rule reads validation minority F1, which exists from 500 labels on
     # (100 held-out items at 20%); below that it has nothing to judge and never fires.
     many = Dataset(digits.features, digits.labels)
     plateau = replace(config, rounds=30, init=520, budget=None, plateau_rounds=1)
-    (run_plateau,) = run_simulation(many, plateau).runs
+    (run_plateau,) = run_simulation(many, plateau, Settings()).runs
     assert all(r.val_minority_f1 is not None for r in run_plateau.rounds)
     assert run_plateau.stop_reason == "plateau" and len(run_plateau.rounds) < 31
 
@@ -222,7 +216,10 @@ def test_default_beats_random_on_the_minority_f1_curve() -> None:
         rare_class=8,
         workers=2,
     )
-    arms = {a["name"]: a for a in run_simulation(digits_with_rare_class(), config).summary["arms"]}
+    arms = {
+        a["name"]: a
+        for a in run_simulation(digits_with_rare_class(), config, Settings()).summary["arms"]
+    }
     default = arms["default/focal"]["auc_minority_f1"]["mean"]
     random = arms["random/focal"]["auc_minority_f1"]["mean"]
     assert default > random + 0.05, (default, random)
@@ -243,7 +240,7 @@ def test_without_a_full_pool_reference_labels_to_target_is_absent(
         workers=1,
         full_pool_reference=False,
     )
-    summary = run_simulation(data, config).summary
+    summary = run_simulation(data, config, Settings()).summary
     assert summary["full_pool_minority_f1"] is None
     assert summary["arms"][0]["labels_to_target"] is None
     assert summary["arms"][0]["auc_labels"] == [20, 30]

@@ -8,7 +8,8 @@ imbalance of the seed's medical set: 1,623 other digits and 33 eights.
 import numpy as np
 from sklearn.datasets import load_digits
 
-from services.simulate import Arm, Dataset
+from services.simulation.config import Arm
+from services.simulation.data import Dataset
 
 DEMO_ARMS = (
     Arm("default", "focal"),

@@ -6,7 +6,7 @@ is `InvalidInput` carrying Label Studio's own message (a bad label config, a mis
 
 The SDK's own retries are switched off for calls that create things: if an import timed out
 after Label Studio stored the tasks, a blind retry would store them twice. The caller
-reconciles by item id instead (services.labelstudio).
+reconciles by item id instead (labeling.label_studio.tasks).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 from label_studio_sdk.core.request_options import RequestOptions
 
-from labeling.payloads import CHOICES_NAME, TaskKind, object_name, task_item
+from labeling.label_studio.payloads import CHOICES_NAME, TaskKind, object_name, task_item
 from services.errors import InvalidInput, TransientError
 
 T = TypeVar("T")

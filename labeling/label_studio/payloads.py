@@ -19,7 +19,6 @@ from typing import Any, Literal
 from services.errors import InvalidInput
 
 TaskKind = Literal["label", "review"]
-TASK_KINDS: tuple[TaskKind, ...] = ("label", "review")
 # The names in the labeling interface; annotations are parsed by these.
 CHOICES_NAME = "label"
 ITEM_KEY = "focalloop_item"

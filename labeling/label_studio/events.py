@@ -1,0 +1,346 @@
+"""Answers coming back: webhook bodies stored in the inbox in one statement, then applied in
+batches (annotations recorded, review tasks closed, deletions withdrawn); a bad event is
+reported on its own and never holds the others back."""
+
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlmodel import Session, col, select
+
+from labeling.label_studio.link import SOURCE
+from labeling.label_studio.payloads import (
+    ParsedAnnotation,
+    parse_annotation,
+)
+from services.db import session_scope
+from services.errors import FocalloopError, InvalidInput, NotFound
+from services.models import (
+    Annotation,
+    InboxEvent,
+    Item,
+    ItemStatus,
+    LabelTask,
+    LabelTaskState,
+    Project,
+    utcnow,
+)
+from services.state import (
+    AnnotationInput,
+    record_annotations,
+    transition_items,
+    withdraw_annotations,
+)
+
+log = logging.getLogger(__name__)
+
+# The events we register for; anything else a misconfigured webhook sends is acknowledged and
+# ignored (Label Studio disables a webhook that keeps failing).
+CREATED_OR_UPDATED = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"})
+
+DELETED = "ANNOTATIONS_DELETED"
+
+SYNC_ACTION = "SYNC"  # an annotation found by sync_annotations rather than delivered by webhook
+
+
+def event_key(action: str, body: Mapping[str, Any]) -> str:
+    """The inbox key of a webhook body: annotation id + updated time for created/updated (so a
+    redelivery or a sync of the same revision is one event), the deleted ids for deletions."""
+    if action == DELETED:
+        ids = sorted(
+            int(a["id"]) for a in body.get("annotations") or [] if isinstance(a.get("id"), int)
+        )
+        return f"deleted:{','.join(map(str, ids))}"[:400]
+    annotations = body.get("annotation")
+    if isinstance(annotations, Mapping):
+        return f"{annotations.get('id')}@{annotations.get('updated_at')}"[:400]
+    digest = hashlib.sha256(repr(annotations).encode()).hexdigest()
+    return f"bulk:{digest}"
+
+
+def webhook_project_id(connection: sa.Connection, project_name: str) -> int:
+    """The project a webhook URL names; NotFound when there is none."""
+    project_id = connection.execute(
+        sa.select(col(Project.id)).where(col(Project.name) == project_name)
+    ).scalar()
+    if project_id is None:
+        raise NotFound(f"no project named {project_name!r}")
+    return int(project_id)
+
+
+def store_webhook(
+    connection: sa.Connection, project_id: int, body: Mapping[str, Any]
+) -> tuple[int | None, str]:
+    """Store a Label Studio webhook body in the inbox, in one statement (the webhook answers
+    within Label Studio's patience, so no ORM session and, on an autocommit connection, no
+    transaction round trips). Returns (event id, outcome) where outcome is stored | duplicate |
+    ignored; event id is set only when stored. InvalidInput for a body that is not a Label
+    Studio annotation event."""
+    action = body.get("action")
+    if not isinstance(action, str):
+        raise InvalidInput("the webhook body has no 'action'")
+    if action not in CREATED_OR_UPDATED and action != DELETED:
+        return None, "ignored"
+    if action == DELETED:
+        if not isinstance(body.get("annotations"), list):
+            raise InvalidInput(f"{action} without an 'annotations' list")
+    elif not isinstance(body.get("annotation"), (Mapping, list)):
+        raise InvalidInput(f"{action} without an 'annotation'")
+    values = {
+        "source": SOURCE,
+        "event_key": event_key(action, body),
+        "action": action,
+        "project_id": project_id,
+        "payload": dict(body),
+        "received_at": utcnow(),
+        "processed_at": None,
+        "error": None,
+    }
+    insert = (
+        postgresql_insert(InboxEvent)
+        if connection.dialect.name == "postgresql"
+        else sqlite_insert(InboxEvent)
+    )
+    # The unique (source, event_key) makes a redelivery insert nothing, without a savepoint.
+    event_id = connection.execute(
+        insert.values(**values)
+        .on_conflict_do_nothing(index_elements=["source", "event_key"])
+        .returning(col(InboxEvent.id))
+    ).scalar()
+    if event_id is None:
+        return None, "duplicate"
+    return int(event_id), "stored"
+
+
+@dataclass
+class EventOutcome:
+    stored: int = 0
+    duplicates: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def apply_events(session: Session, events: Sequence[InboxEvent]) -> dict[int, EventOutcome]:
+    """Apply stored Label Studio events in a fixed number of statements. Bad annotations (not
+    our task, no single choice, a label outside the label set) are reported in their event's
+    outcome and flag their items; they never stop the others."""
+    outcomes = {event.id or 0: EventOutcome() for event in events}
+    parsed_by_event: list[tuple[int, ParsedAnnotation]] = []
+    deletions: dict[int, list[tuple[int, str]]] = {}  # project -> [(event, annotation id)]
+    for event in events:
+        outcome = outcomes[event.id or 0]
+        if event.project_id is None:
+            outcome.errors.append("the event names no known project")
+            continue
+        body = event.payload
+        if event.action == DELETED:
+            for annotation in body.get("annotations") or []:
+                if isinstance(annotation, Mapping) and isinstance(annotation.get("id"), int):
+                    deletions.setdefault(event.project_id, []).append(
+                        (event.id or 0, str(annotation["id"]))
+                    )
+            continue
+        raw = body.get("annotation")
+        task = body.get("task") if isinstance(body.get("task"), Mapping) else None
+        for annotation in raw if isinstance(raw, list) else [raw]:
+            if not isinstance(annotation, Mapping):
+                outcome.errors.append("an annotation that is not an object")
+                continue
+            try:
+                parsed_by_event.append((event.id or 0, parse_annotation(annotation, task)))
+            except InvalidInput as error:
+                outcome.errors.append(str(error))
+    project_of = {event.id or 0: event.project_id for event in events}
+    projects = {
+        project.id: project
+        for project in session.exec(
+            select(Project).where(col(Project.id).in_({p for p in project_of.values() if p}))
+        ).all()
+    }
+    tasks: dict[tuple[int, int], LabelTask] = {}
+    task_ids = sorted({parsed.task_id for _, parsed in parsed_by_event})
+    for start in range(0, len(task_ids), 5000):
+        for task in session.exec(
+            select(LabelTask).where(
+                col(LabelTask.project_id).in_(list(projects)),
+                col(LabelTask.external_task_id).in_(task_ids[start : start + 5000]),
+            )
+        ).all():
+            tasks[(task.project_id, int(task.external_task_id or 0))] = task
+    answers: list[AnnotationInput] = []
+    answered: list[tuple[int, LabelTask]] = []
+    flags: dict[int, str] = {}
+    for event_id, parsed in parsed_by_event:
+        outcome = outcomes[event_id]
+        project_id = project_of[event_id]
+        project = projects.get(project_id)
+        task = tasks.get((project_id or 0, parsed.task_id))
+        if project is None or task is None:
+            outcome.errors.append(
+                f"annotation {parsed.annotation_id}: task {parsed.task_id} is not a focalloop task"
+            )
+            continue
+        problem = parsed.error
+        if problem is None and parsed.label is not None and parsed.label not in project.labels:
+            problem = (
+                f"label {parsed.label!r} is not in the label set {project.labels}; "
+                "it was not stored"
+            )
+        if problem is not None:
+            reason = f"Label Studio annotation {parsed.annotation_id}: {problem}"
+            flags[task.item_id] = reason[:1000]
+            outcome.errors.append(reason)
+            continue
+        answers.append(
+            AnnotationInput(
+                item_id=task.item_id,
+                label=parsed.label,
+                source=SOURCE,
+                external_id=str(parsed.annotation_id),
+                updated_at=parsed.updated_at,
+                annotator=parsed.annotator,
+                cancelled=parsed.cancelled,
+            )
+        )
+        answered.append((event_id, task))
+    rows = record_annotations(session, answers)
+    accepted: set[int] = set()
+    reviews_answered: set[int] = set()
+    for (event_id, task), row in zip(answered, rows, strict=True):
+        if row is None:
+            outcomes[event_id].duplicates += 1
+            continue
+        outcomes[event_id].stored += 1
+        accepted.add(task.item_id)
+        if task.kind == "review":
+            reviews_answered.add(task.id or 0)
+    now = utcnow()
+    if flags:
+        session.execute(
+            sa.update(Item),
+            [
+                {"id": item_id, "label_issue": reason, "updated_at": now}
+                for item_id, reason in flags.items()
+            ],
+        )
+    if accepted:
+        session.execute(
+            sa.update(Item)
+            .where(col(Item.id).in_(sorted(accepted)), col(Item.label_issue).is_not(None))
+            .values(label_issue=None)
+            .execution_options(synchronize_session=False)
+        )
+    if reviews_answered:
+        session.execute(
+            sa.update(LabelTask)
+            .where(col(LabelTask.id).in_(sorted(reviews_answered)))
+            .values(state=LabelTaskState.ANSWERED, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        # A skipped review keeps the label as it was: the item leaves review either way.
+        still_in_review = session.exec(
+            select(Item.id)
+            .join(LabelTask, col(LabelTask.item_id) == col(Item.id))
+            .where(
+                col(LabelTask.id).in_(sorted(reviews_answered)),
+                col(Item.status) == ItemStatus.IN_REVIEW,
+            )
+        ).all()
+        if still_in_review:
+            transition_items(
+                session,
+                [int(i or 0) for i in still_in_review],
+                ItemStatus.LABELED,
+                expected=ItemStatus.IN_REVIEW,
+            )
+    for project_id, pairs in deletions.items():
+        withdrawn_before = {
+            external_id
+            for (external_id,) in session.execute(
+                sa.select(col(Annotation.external_id)).where(
+                    col(Annotation.project_id) == project_id,
+                    col(Annotation.source) == SOURCE,
+                    col(Annotation.external_id).in_([a for _, a in pairs]),
+                    col(Annotation.withdrawn_at).is_(None),
+                )
+            )
+        }
+        withdraw_annotations(
+            session,
+            project_id=project_id,
+            source=SOURCE,
+            external_ids=[a for _, a in pairs],
+        )
+        for event_id, annotation_id in pairs:
+            if annotation_id in withdrawn_before:
+                outcomes[event_id].stored += 1
+                withdrawn_before.discard(annotation_id)
+            else:
+                outcomes[event_id].duplicates += 1
+    session.flush()
+    return outcomes
+
+
+@dataclass
+class IngestTotals:
+    stored: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    events: int = 0
+
+
+INGEST_BATCH = 500
+
+INGEST_MAX_BATCHES = 40  # per call, so one task cannot hold a worker forever under load
+
+
+def _mark(event: InboxEvent, outcome: EventOutcome, totals: IngestTotals) -> None:
+    totals.stored += outcome.stored
+    totals.duplicates += outcome.duplicates
+    totals.events += 1
+    if outcome.errors:
+        event.error = "; ".join(outcome.errors)[:4000]
+        totals.rejected += 1
+    event.processed_at = utcnow()
+
+
+def ingest_pending(engine: sa.Engine, *, batch: int = INGEST_BATCH) -> IngestTotals:
+    """Apply every unprocessed Label Studio event, oldest first, in batches of `batch` per
+    transaction. Concurrent callers take disjoint batches (`FOR UPDATE SKIP LOCKED` on
+    PostgreSQL); a batch that fails as a whole is retried one event per savepoint, so one bad
+    event cannot hold the others back. This is what every `ingest` task runs: under load the
+    first task takes many events at once and the later ones find theirs done."""
+    totals = IngestTotals()
+    for _ in range(INGEST_MAX_BATCHES):
+        with session_scope(engine) as session:
+            events = list(
+                session.exec(
+                    select(InboxEvent)
+                    .where(InboxEvent.source == SOURCE, col(InboxEvent.processed_at).is_(None))
+                    .order_by(col(InboxEvent.id))
+                    .limit(batch)
+                    .with_for_update(skip_locked=True)
+                ).all()
+            )
+            if not events:
+                return totals
+            try:
+                with session.begin_nested():
+                    outcomes = apply_events(session, events)
+            except (FocalloopError, sa.exc.IntegrityError):
+                log.warning("a batch of %d events failed; applying one by one", len(events))
+                outcomes = {}
+                for event in events:
+                    try:
+                        with session.begin_nested():
+                            outcomes.update(apply_events(session, [event]))
+                    except (FocalloopError, sa.exc.IntegrityError) as error:
+                        outcomes[event.id or 0] = EventOutcome(errors=[str(error)])
+            for event in events:
+                _mark(event, outcomes[event.id or 0], totals)
+                session.add(event)
+    return totals

@@ -1,0 +1,152 @@
+"""Judging a newly trained model: its metrics (training curve, validation split, evaluation
+set, and the current model's evaluation for comparison) and the gate's decision."""
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from services.config import Settings
+from services.evaluation_set import EvalLabels
+from services.gate import Decision, GateConfig, decide
+from services.ml.checkpoint import Checkpoint
+from services.ml.metrics import EvaluationReport, default_minority_class, evaluate
+from services.ml.nets import Classifier, ModelSpec
+from services.ml.score import score
+from services.ml.train import TrainResult
+from services.recipe import scalar_gamma
+
+
+@dataclass(frozen=True)
+class Judged:
+    """A new model's metrics (JSON-friendly, stored on its ModelVersion) and the decision."""
+
+    metrics: dict[str, Any]
+    decision: Decision
+
+
+@dataclass(frozen=True)
+class EvaluationSet:
+    """The labeled evaluation items: their ids and labels, and their inputs [n, *shape] (None
+    when no evaluation item is labeled yet)."""
+
+    labels: EvalLabels
+    items: NDArray[np.float32] | None
+
+
+class _Scorer(Protocol):
+    """A trained model as a report needs it: a `TrainResult` or a loaded `Checkpoint`."""
+
+    @property
+    def model(self) -> Classifier: ...
+
+    @property
+    def spec(self) -> ModelSpec: ...
+
+    @property
+    def temperature(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class _Judge:
+    """Reports on one footing: the training set's minority class, the loss's gamma, and the
+    process's device."""
+
+    minority: int
+    gamma: float
+    settings: Settings
+
+    def report(
+        self, scorer: _Scorer, inputs: NDArray[np.float32], truth: list[int]
+    ) -> EvaluationReport:
+        """`scorer`'s metrics on items [n, *shape] whose labels are `truth` [n]."""
+        probs = score(
+            scorer.model,
+            inputs,
+            spec=scorer.spec,
+            temperature=scorer.temperature,
+            device=self.settings.device,
+        ).probs
+        return evaluate(
+            probs,
+            np.asarray(truth, dtype=np.int64),
+            minority_class=self.minority,
+            focal_gamma=self.gamma,
+        )
+
+
+def judge(
+    *,
+    labels: list[str],
+    result: TrainResult,
+    training: tuple[NDArray[np.float32], NDArray[np.int64]],
+    evaluation: EvaluationSet,
+    current: Checkpoint | None,
+    has_current: bool,
+    gate: GateConfig,
+    settings: Settings,
+) -> Judged:
+    """Metrics of the new model `result` and the gate's decision against `current` (the
+    current model when it can score this label set; `has_current` says whether one exists).
+
+    training: the items [m, *shape] and labels [m] it was trained on (the validation split is a
+    subset). The minority class is the training set's least frequent one, for every report.
+    """
+    items, targets = training
+    n_classes = len(labels)
+    judged_by = _Judge(
+        minority=default_minority_class(targets, n_classes),
+        gamma=scalar_gamma(result.loss),
+        settings=settings,
+    )
+    validation = None
+    if len(result.val_indices):
+        validation = judged_by.report(
+            result, items[result.val_indices], targets[result.val_indices].tolist()
+        )
+    candidate = old = None
+    if evaluation.items is not None:
+        truth = evaluation.labels.labels
+        candidate = judged_by.report(result, evaluation.items, truth)
+        if current is not None:
+            old = judged_by.report(current, evaluation.items, truth)
+    per_class = evaluation.labels.per_class(n_classes)
+    decision = decide(
+        labels=labels,
+        per_class_counts=per_class,
+        candidate=candidate,
+        current=old,
+        config=gate,
+        has_current=has_current,
+    )
+    metrics = _metrics(labels, result, per_class, validation, candidate, old)
+    return Judged(metrics, decision)
+
+
+def _metrics(
+    labels: list[str],
+    result: TrainResult,
+    evaluation_labels: list[int],
+    validation: EvaluationReport | None,
+    candidate: EvaluationReport | None,
+    current: EvaluationReport | None,
+) -> dict[str, Any]:
+    """What a ModelVersion stores about its model (JSON-friendly)."""
+    return {
+        "labels": labels,
+        "train_loss": result.train_loss,
+        "val_loss": result.val_loss,
+        "val_error": result.val_error,
+        "best_epoch": result.best_epoch,
+        "temperature": result.temperature,
+        "ece_before": result.ece_before,
+        "ece_after": result.ece_after,
+        "class_counts": dict(zip(labels, result.class_counts, strict=True)),
+        "trained_items": len(result.train_indices),
+        "validation_items": len(result.val_indices),
+        "validation": validation.to_dict() if validation is not None else None,
+        "evaluation": candidate.to_dict() if candidate is not None else None,
+        "evaluation_of_current": current.to_dict() if current is not None else None,
+        "evaluation_labels": dict(zip(labels, evaluation_labels, strict=True)),
+    }
