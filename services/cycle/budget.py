@@ -6,7 +6,7 @@ from sqlmodel import Session, col, func, select
 
 from services.cycle.decide import allowance
 from services.datasets.pool import SEED_SOURCE
-from services.models import Annotation, Cycle, Item, ItemStatus, Project
+from services.models import Annotation, Cycle, CycleState, Item, ItemStatus, Project
 
 
 def labels_spent(session: Session, project: Project) -> int:
@@ -57,11 +57,13 @@ def allowance_now(session: Session, project: Project) -> int:
 
 
 def labels_since_last_cycle(session: Session, project: Project) -> int:
-    """Labels people gave after the project's newest cycle started (all of them before the first
-    cycle): once the budget is spent, a cycle still starts while this is above zero, so the
-    last labels are trained on."""
+    """Labels people gave after the project's newest finished cycle started (all of them before
+    one finished): once the budget is spent, a cycle still starts while this is above zero, so
+    the last labels are trained on, also after a last cycle that failed or was cancelled."""
     last_start = session.exec(
-        select(func.max(Cycle.created_at)).where(Cycle.project_id == project.id)
+        select(func.max(Cycle.created_at)).where(
+            Cycle.project_id == project.id, Cycle.state == CycleState.DONE
+        )
     ).one()
     statement = (
         select(func.count())

@@ -102,6 +102,12 @@ def test_cycles_run_and_each_trains_on_the_version_the_last_one_produced(
         assert sum(c.items_scored or 0 for c in chunks) == 560
     picked = selected_items(engine, project.name)
     assert len(picked) == 60 == len(set(picked))  # no item selected twice
+    with db.session_scope(engine) as session:
+        answers = session.exec(
+            select(Annotation.source, Annotation.annotator).where(Annotation.project_id == p.id)
+        ).all()
+    # Every answer is the simulated annotator's, and marked as such.
+    assert set(answers) == {("simulated", "sim")} and len(answers) == 60
 
 
 def test_every_stage_is_harmless_when_redelivered(

@@ -97,7 +97,7 @@ def test_cold_start_until_a_model_exists(digits: Digits) -> None:
     assert (plan.model, asked) == ([], [(8, set())])
 
 
-def test_the_model_picks_unlabeled_candidates_only_and_deterministically(
+def test_a_cycle_trains_and_picks_unlabeled_items_only(
     digits: Digits,
 ) -> None:
     labeled = np.arange(0, 200, 2)
@@ -123,8 +123,9 @@ def test_the_model_picks_unlabeled_candidates_only_and_deterministically(
     assert plan() == chosen
 
 
-def test_uncertainty_picks_are_harder_than_the_pool(digits: Digits) -> None:
-    """The batch's mean top probability under the cycle's own model is lower than the pool's."""
+def test_uncertainty_picks_are_harder_than_random(digits: Digits) -> None:
+    """The batch's mean top probability under the cycle's own model is lower than the pool's
+    (what a random batch's would be, in expectation)."""
     labeled = np.arange(0, 300, 3)
     pool = np.setdiff1d(np.arange(900), labeled)
     model = _trained(digits, labeled)

@@ -9,7 +9,7 @@ from labeling.simulated import check_noise, simulated_answer
 LABELS = ["a", "b", "c", "d"]
 
 
-def test_without_noise_every_answer_is_the_truth() -> None:
+def test_simulated_annotator_is_exact_without_noise() -> None:
     keys = [f"i{i}" for i in range(200)]
     truths = [LABELS[i % 4] for i in range(200)]
     answers = [
@@ -19,7 +19,7 @@ def test_without_noise_every_answer_is_the_truth() -> None:
     assert answers == truths
 
 
-def test_noise_rate_and_wrong_answers_are_other_classes_uniformly() -> None:
+def test_simulated_noise_rate_and_wrong_answers_are_other_classes() -> None:
     answers = [simulated_answer("a", LABELS, noise=0.2, seed=3, key=f"i{i}") for i in range(20_000)]
     wrong = [answer for answer in answers if answer != "a"]
     assert abs(len(wrong) / 20_000 - 0.2) < 0.01
