@@ -11,8 +11,8 @@ import math
 from typing import Any
 
 from services.config import Settings
-from services.simulation.config import Arm, SimulationConfig
-from services.simulation.demo import digits_with_rare_class
+from services.simulation.config import Arm
+from services.simulation.demo import BATCH, BUDGET, INIT, demo_config, digits_with_rare_class
 from services.simulation.records import SeedRun, SimulationResult
 from services.simulation.run import run_simulation
 from services.simulation.summary import area_under_minority_f1, labels_to_target, mean_ci95
@@ -25,10 +25,7 @@ BENCH_ARMS = (
     Arm("random", "focal"),
     Arm("random", "ce"),
 )
-BUDGET = 300
 RANDOM_BUDGET = 600
-INIT = 20
-BATCH = 20
 
 
 def _at(run: SeedRun, labels: int, metric: str) -> float:
@@ -91,16 +88,12 @@ def summarize_bench(result: SimulationResult) -> dict[str, Any]:
 def run_label_efficiency_bench(
     base: Settings, *, seeds: int = 5, workers: int = 2
 ) -> tuple[SimulationResult, dict[str, Any]]:
-    config = SimulationConfig(
+    config = demo_config(
         arms=BENCH_ARMS,
         seeds=seeds,
-        rounds=(RANDOM_BUDGET - INIT) // BATCH,
-        batch=BATCH,
-        init=INIT,
-        budget=BUDGET,
-        random_budget=RANDOM_BUDGET,
-        rare_class=8,
         workers=workers,
+        full_pool_reference=True,
+        random_budget=RANDOM_BUDGET,
     )
     result = run_simulation(digits_with_rare_class(), config, base)
     return result, summarize_bench(result)

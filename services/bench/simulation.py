@@ -17,8 +17,8 @@ from typing import Any
 
 from services.config import Settings
 from services.ml.train import torch_threads
-from services.simulation.config import Arm, SimulationConfig, validate
-from services.simulation.demo import digits_with_rare_class
+from services.simulation.config import Arm, validate
+from services.simulation.demo import demo_config, digits_with_rare_class
 from services.simulation.run import run_seed
 
 STAGES = ("trigger", "train", "score_chunk", "select", "hand_off", "ingest", "measure")
@@ -43,17 +43,7 @@ def run_simulation_bench(
     dataset = digits_with_rare_class()
     rows = []
     for arm in arms:
-        config = SimulationConfig(
-            arms=(arm,),
-            seeds=seeds,
-            rounds=14,
-            batch=20,
-            init=20,
-            budget=300,
-            rare_class=8,
-            workers=1,
-            full_pool_reference=False,
-        )
+        config = demo_config(arms=(arm,), seeds=seeds, workers=1)
         minority = validate(dataset, config)
         walls: list[float] = []
         totals = dict.fromkeys(STAGES, 0.0)

@@ -183,8 +183,7 @@ def demo(
 ) -> None:
     """`simulate` on scikit-learn's digits with digit 8 kept at 2% (98:2): default vs random,
     focal vs cross-entropy, 20 initial labels, batches of 20, up to 300 labels."""
-    from services.simulation.config import SimulationConfig
-    from services.simulation.demo import DEMO_ARMS, digits_with_rare_class
+    from services.simulation.demo import DEMO_ARMS, demo_config, digits_with_rare_class
 
     dataset = digits_with_rare_class()
     console.print(
@@ -193,15 +192,5 @@ def demo(
     )
     # No full-pool reference here (labels-to-target is `bench label-efficiency`'s job): it
     # would cost the demo a fifth of its time.
-    config = SimulationConfig(
-        arms=DEMO_ARMS,
-        seeds=seeds,
-        rounds=14,
-        batch=20,
-        init=20,
-        budget=300,
-        rare_class=8,
-        workers=workers,
-        full_pool_reference=False,
-    )
+    config = demo_config(arms=DEMO_ARMS, seeds=seeds, workers=workers)
     _run_and_report(dataset, config, out)

@@ -2,6 +2,8 @@
 included; labels that came with the pool are not spent by the loop) and items already asked
 for. The arithmetic is `decide.allowance`."""
 
+from datetime import datetime
+
 from sqlmodel import Session, col, func, select
 
 from services.cycle.decide import allowance
@@ -56,15 +58,8 @@ def allowance_now(session: Session, project: Project) -> int:
     )
 
 
-def labels_since_last_cycle(session: Session, project: Project) -> int:
-    """Labels people gave after the project's newest finished cycle started (all of them before
-    one finished): once the budget is spent, a cycle still starts while this is above zero, so
-    the last labels are trained on, also after a last cycle that failed or was cancelled."""
-    last_start = session.exec(
-        select(func.max(Cycle.created_at)).where(
-            Cycle.project_id == project.id, Cycle.state == CycleState.DONE
-        )
-    ).one()
+def labels_after(session: Session, project: Project, moment: datetime | None) -> int:
+    """Answers people gave after `moment` (all of them for None): labels, not skips."""
     statement = (
         select(func.count())
         .select_from(Annotation)
@@ -74,6 +69,18 @@ def labels_since_last_cycle(session: Session, project: Project) -> int:
             col(Annotation.cancelled).is_(False),
         )
     )
-    if last_start is not None:
-        statement = statement.where(col(Annotation.created_at) > last_start)
+    if moment is not None:
+        statement = statement.where(col(Annotation.created_at) > moment)
     return int(session.exec(statement).one())
+
+
+def labels_since_last_cycle(session: Session, project: Project) -> int:
+    """Labels people gave after the project's newest finished cycle started (all of them before
+    one finished): once the budget is spent, a cycle still starts while this is above zero, so
+    the last labels are trained on, also after a last cycle that failed or was cancelled."""
+    last_start = session.exec(
+        select(func.max(Cycle.created_at)).where(
+            Cycle.project_id == project.id, Cycle.state == CycleState.DONE
+        )
+    ).one()
+    return labels_after(session, project, last_start)

@@ -12,14 +12,14 @@ from celery.schedules import crontab
 from sqlmodel import Session, col, func, select
 
 from services.config import Settings
-from services.cycle.budget import budget_spent, labels_since_last_cycle
+from services.cycle.budget import budget_spent, labels_after, labels_since_last_cycle
 from services.cycle.start import active_cycle, start_cycle
-from services.datasets.pool import SEED_SOURCE
 from services.datasets.snapshot import get_version, snapshot
 from services.db import session_scope
 from services.errors import Conflict
-from services.models import Annotation, Cycle, Item, ModelVersion, Project, utcnow
+from services.models import Cycle, Item, Project, utcnow
 from services.projects import get_project, list_projects
+from services.promotion import newest_model
 
 log = logging.getLogger("focalloop.cycle")
 
@@ -29,25 +29,12 @@ def labels_since_model(session: Session, project: Project) -> int:
     committed (all human labels when there is no model yet). The newest, not the current: a
     model the gate rejected was trained on those labels, and retraining on them again would
     loop."""
-    model = session.exec(
-        select(ModelVersion)
-        .where(ModelVersion.project_id == project.id)
-        .order_by(col(ModelVersion.version).desc())
-    ).first()
-    statement = (
-        select(func.count())
-        .select_from(Annotation)
-        .where(
-            Annotation.project_id == project.id,
-            Annotation.source != SEED_SOURCE,
-            col(Annotation.cancelled).is_(False),
-        )
+    model = newest_model(session, project)
+    if model is None:
+        return labels_after(session, project, None)
+    return labels_after(
+        session, project, get_version(session, project, model.dataset_version).committed_at
     )
-    if model is not None:
-        version = get_version(session, project, model.dataset_version)
-        if version.committed_at is not None:
-            statement = statement.where(col(Annotation.created_at) > version.committed_at)
-    return int(session.exec(statement).one())
 
 
 def cron_due(project: Project, last_start: datetime | None, now: datetime) -> bool:

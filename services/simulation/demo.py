@@ -8,9 +8,10 @@ imbalance of the seed's medical set: 1,623 other digits and 33 eights.
 import numpy as np
 from sklearn.datasets import load_digits
 
-from services.simulation.config import Arm
+from services.simulation.config import Arm, SimulationConfig
 from services.simulation.data import Dataset
 
+INIT, BATCH, BUDGET = 20, 20, 300
 DEMO_ARMS = (
     Arm("default", "focal"),
     Arm("random", "focal"),
@@ -34,3 +35,27 @@ def digits_with_rare_class(
     kept = np.random.default_rng(seed).choice(rare, size=min(n_rare, len(rare)), replace=False)
     keep = np.sort(np.concatenate([others, kept]))
     return Dataset(items=(digits.images[keep] / 16.0).astype(np.float32), labels=labels[keep])
+
+
+def demo_config(
+    *,
+    arms: tuple[Arm, ...],
+    seeds: int,
+    workers: int,
+    full_pool_reference: bool = False,
+    random_budget: int | None = None,
+) -> SimulationConfig:
+    """The demo setting's schedule: digit 8 rare, 20 initial labels, batches of 20, up to 300
+    labels (random arms up to `random_budget` when given)."""
+    return SimulationConfig(
+        arms=arms,
+        seeds=seeds,
+        rounds=(max(BUDGET, random_budget or 0) - INIT) // BATCH,
+        batch=BATCH,
+        init=INIT,
+        budget=BUDGET,
+        random_budget=random_budget,
+        rare_class=8,
+        workers=workers,
+        full_pool_reference=full_pool_reference,
+    )

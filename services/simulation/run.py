@@ -15,13 +15,15 @@ import os
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import sqlalchemy as sa
+from numpy.typing import NDArray
 from sqlmodel import col, select
 
 from services.artifacts import load_model, predict
@@ -64,6 +66,20 @@ def run_seed(
         seed=seed,
         noise=config.noise,
     )
+    with _deployed(dataset, split, base, settings, seeded=split.init_ids) as deployment:
+        return _drive(deployment, split, config, arm, seed, minority)
+
+
+@contextmanager
+def _deployed(
+    dataset: Dataset,
+    split: Split,
+    base: Settings,
+    settings: ProjectSettings,
+    *,
+    seeded: NDArray[np.int64],
+) -> Iterator[Deployment]:
+    """The seed's pool in an embedded deployment of its own, removed afterwards."""
     with tempfile.TemporaryDirectory(prefix="focalloop-simulation-") as scratch:
         deployment = deploy(
             Path(scratch),
@@ -71,11 +87,11 @@ def run_seed(
             items=split.pool_items,
             labels=split.pool_labels,
             n_classes=dataset.n_classes,
-            seeded=split.init_ids,
+            seeded=seeded,
             project=settings,
         )
         try:
-            return _drive(deployment, split, config, arm, seed, minority)
+            yield deployment
         finally:
             deployment.engine.dispose()
 
@@ -200,23 +216,12 @@ def full_pool_minority_f1(
         seed=seed,
         noise=0.0,
     )
-    with tempfile.TemporaryDirectory(prefix="focalloop-simulation-") as scratch:
-        deployment = deploy(
-            Path(scratch),
-            base,
-            items=split.pool_items,
-            labels=split.pool_labels,
-            n_classes=dataset.n_classes,
-            seeded=np.arange(len(split.pool_labels), dtype=np.int64),
-            project=settings,
-        )
-        try:
-            cycle = maybe_start_cycle(deployment.engine, deployment.project, deployment.settings)
-            assert cycle is not None  # a project's first cycle always starts
-            run_cycle(deployment.engine, cycle.id or 0, deployment.settings)
-            record = _measure(deployment, cycle.id or 0, split, minority)
-        finally:
-            deployment.engine.dispose()
+    everything = np.arange(len(split.pool_labels), dtype=np.int64)
+    with _deployed(dataset, split, base, settings, seeded=everything) as deployment:
+        cycle = maybe_start_cycle(deployment.engine, deployment.project, deployment.settings)
+        assert cycle is not None  # a project's first cycle always starts
+        run_cycle(deployment.engine, cycle.id or 0, deployment.settings)
+        record = _measure(deployment, cycle.id or 0, split, minority)
     if record is None:
         raise SimulationFailed("the full-pool reference trained no model (one class only?)")
     return record.minority_f1
