@@ -7,7 +7,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -16,6 +16,7 @@ from services.config import Settings
 from services.datasets.store import DatasetStore, open_store, safe_key
 from services.ml.checkpoint import SIDECAR_FILE, WEIGHTS_FILE, Checkpoint, load_checkpoint
 from services.ml.checkpoint import save_checkpoint as save_checkpoint_dir
+from services.ml.nets import Classifier, ModelSpec
 from services.ml.score import ScoreOutput, score
 from services.ml.train import TrainResult, torch_threads
 from services.models import ModelVersion, Project
@@ -98,15 +99,28 @@ def load_model(project: Project, model: ModelVersion, settings: Settings) -> Che
     return checkpoint
 
 
-def predict(checkpoint: Checkpoint, items: NDArray[Any], settings: Settings) -> ScoreOutput:
+class Scorer(Protocol):
+    """A trained model as prediction needs it: a loaded `Checkpoint` or a fresh `TrainResult`."""
+
+    @property
+    def model(self) -> Classifier: ...
+
+    @property
+    def spec(self) -> ModelSpec: ...
+
+    @property
+    def temperature(self) -> float: ...
+
+
+def predict(scorer: Scorer, items: NDArray[Any], settings: Settings) -> ScoreOutput:
     """Calibrated probabilities [n, C] and embeddings [n, D] of items [n, *item_shape], on the
     process's device (settings.device) with its torch threads."""
     with torch_threads(settings.torch_threads):
         return score(
-            checkpoint.model,
+            scorer.model,
             np.asarray(items, dtype=np.float32),
-            spec=checkpoint.spec,
-            temperature=checkpoint.temperature,
+            spec=scorer.spec,
+            temperature=scorer.temperature,
             device=settings.device,
         )
 

@@ -153,7 +153,9 @@ class Settings(BaseSettings):
     label_studio_sync_interval_s: float = Field(
         default=300.0,
         gt=0,
-        description="How often beat reconciles every connected project with Label Studio.",
+        description="How often beat reconciles every project with its labeling tool (Label "
+        "Studio: push pending tasks, take in what webhooks missed). The name predates other "
+        "labelers and is kept so existing configurations go on working.",
     )
     label_studio_import_batch: int = Field(
         default=500, ge=1, le=10_000, description="Tasks per import request."

@@ -4,12 +4,16 @@ machine's shared Redis)."""
 
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import redis
 
 from services.config import process_environment
+
+# The `focalloop` command of this interpreter's environment (what benchmarks start).
+FOCALLOOP = str(Path(sys.executable).with_name("focalloop"))
 
 
 def free_port() -> int:

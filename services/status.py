@@ -5,7 +5,6 @@ Everything here only reads; the API renders these dataclasses as its `*Public` s
 """
 
 import itertools
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -337,13 +336,3 @@ def item_history(session: Session, project: Project, external_id: str) -> ItemHi
         .order_by(col(Annotation.created_at), col(Annotation.id))
     ).all()
     return ItemHistory(item, list(annotations))
-
-
-def state_counts(session: Session) -> Counter[tuple[str, str]]:
-    """(project name, cycle state) -> cycles, for every project."""
-    rows = session.execute(
-        sa.select(col(Project.name), col(Cycle.state), func.count())
-        .join(Project, col(Project.id) == col(Cycle.project_id))
-        .group_by(col(Project.name), col(Cycle.state))
-    ).all()
-    return Counter({(name, state): int(count) for name, state, count in rows})

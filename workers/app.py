@@ -13,10 +13,15 @@ from typing import Any
 from celery import Celery
 
 from services.config import Settings, get_settings
+from services.cycle.flow import ACCELERATED, task_name
 
 GPU_QUEUE = "gpu"
 IO_QUEUE = "io"
-GPU_TASKS = ("focalloop.train", "focalloop.score_chunk")
+GPU_TASKS = tuple(sorted(task_name(stage) for stage in ACCELERATED))
+# Beat's own tasks (not stages of the flow): they start cycles, recover, reconcile.
+START_DUE = "focalloop.maybe_start_cycles"
+RECONCILE = "focalloop.reconcile_labelers"
+RECOVER = "focalloop.recover_stalled"
 
 
 def create_app(settings: Settings) -> Celery:
@@ -40,15 +45,15 @@ def create_app(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         beat_schedule={
             "maybe-start-cycles": {
-                "task": "focalloop.maybe_start_cycles",
+                "task": START_DUE,
                 "schedule": timedelta(seconds=settings.schedule_interval_s),
             },
             "reconcile-labelers": {
-                "task": "focalloop.reconcile_labelers",
+                "task": RECONCILE,
                 "schedule": timedelta(seconds=settings.label_studio_sync_interval_s),
             },
             "recover-stalled": {
-                "task": "focalloop.recover_stalled",
+                "task": RECOVER,
                 "schedule": timedelta(seconds=settings.recover_interval_s),
             },
         },

@@ -18,13 +18,13 @@ from celery.signals import task_postrun, task_prerun, worker_process_init
 from labeling.registry import reconcile_all
 from services import logs
 from services.config import Settings, get_settings
-from services.cycle.flow import Stage, Step
+from services.cycle.flow import Stage, Step, task_name
 from services.cycle.recover import recover_stalled as find_stalled
 from services.cycle.stages import run_step
 from services.cycle.trigger import start_due_cycles
 from services.db import engine_from_settings
 from services.errors import TransientError
-from workers.app import app
+from workers.app import RECONCILE, RECOVER, START_DUE, app
 from workers.devices import WorkerPlan, pin
 
 log = logging.getLogger("focalloop.workers")
@@ -126,27 +126,27 @@ def _run(step: Step) -> None:
     _send(run_step(engine(), settings(), step))
 
 
-@task("focalloop.train")
+@task(task_name(Stage.TRAIN))
 def train(cycle_id: int) -> None:
     _run(Step(Stage.TRAIN, cycle_id))
 
 
-@task("focalloop.score_chunk")
+@task(task_name(Stage.SCORE))
 def score_chunk(chunk_id: int) -> None:
     _run(Step(Stage.SCORE, chunk_id))
 
 
-@task("focalloop.select")
+@task(task_name(Stage.SELECT))
 def select(cycle_id: int) -> None:
     _run(Step(Stage.SELECT, cycle_id))
 
 
-@task("focalloop.hand_off")
+@task(task_name(Stage.HAND_OFF))
 def hand_off(cycle_id: int) -> None:
     _run(Step(Stage.HAND_OFF, cycle_id))
 
 
-@task("focalloop.ingest")
+@task(task_name(Stage.INGEST))
 def ingest(event_ids: list[int]) -> None:
     _run(Step(Stage.INGEST, event_ids=tuple(event_ids)))
 
@@ -160,20 +160,20 @@ TASKS: dict[Stage, TaskHandle[...]] = {
 }
 
 
-@task("focalloop.maybe_start_cycles")
+@task(START_DUE)
 def maybe_start_cycles() -> None:
     """Beat: give every project the chance to start a cycle."""
     _send([Step(Stage.TRAIN, cycle.id or 0) for cycle in start_due_cycles(engine(), settings())])
 
 
-@task("focalloop.reconcile_labelers")
+@task(RECONCILE)
 def reconcile_labelers() -> None:
     """Beat: every project's labeler catches up with its tool (Label Studio: push pending
     tasks, take in what webhooks missed)."""
     reconcile_all(engine(), settings())
 
 
-@task("focalloop.recover_stalled")
+@task(RECOVER)
 def recover_stalled() -> None:
     """Beat: re-enqueue work whose worker died or whose message was lost."""
     recovery = find_stalled(engine(), settings())

@@ -181,9 +181,9 @@ def plan_hand_off(session: Session, cycle: Cycle, project: Project) -> int:
 
 
 def hand_off(engine: sa.Engine, cycle_id: int, settings: Settings) -> PushReport:
-    """The cycle's last stage for a Label Studio project: plan, push, refresh the open tasks'
-    predictions, bump Label Studio's model version, finish the cycle. Every step can be
-    repeated after a crash or a redelivered message without creating a task twice."""
+    """A cycle's hand-off to Label Studio: plan, push, refresh the open tasks' predictions, bump
+    Label Studio's model version (the hand-off stage then finishes the cycle). Every step can
+    be repeated after a crash or a redelivered message without creating a task twice."""
     with session_scope(engine) as session:
         cycle = session.get(Cycle, cycle_id)
         if cycle is None:

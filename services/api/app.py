@@ -30,6 +30,7 @@ from services.api.metrics import metrics_registry
 from services.api.routes import admin, cycles, datasets, models, operations, projects, queue
 from services.api.schemas import Problem
 from services.config import Settings
+from services.cycle.flow import Stage, task_name
 from services.datasets.sources import SourceReader, locate
 from services.datasets.store import sha256_hex
 from services.db import engine_from_settings, session_scope
@@ -37,7 +38,7 @@ from services.errors import Conflict, DeviceUnavailable, InvalidInput, NotFound,
 from services.models import Item, Project
 
 log = logging.getLogger(__name__)
-INGEST_TASK = "focalloop.ingest"
+INGEST_TASK = task_name(Stage.INGEST)
 
 
 class WebhookAnswer(BaseModel):

@@ -33,7 +33,6 @@ from sqlmodel import col, func, select
 
 from services import db
 from services.bench.labeling import (
-    FOCALLOOP,
     LABELS,
     SECRET,
     TOKEN_ENV,
@@ -43,7 +42,7 @@ from services.bench.labeling import (
 from services.config import Settings, child_environment, process_environment
 from services.models import Annotation, Item, LabelTaskState
 from services.projects import get_project
-from services.servers import free_port
+from services.servers import FOCALLOOP, free_port
 
 # ----------------------------------------------------------------------------------- ingest
 

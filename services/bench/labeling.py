@@ -7,7 +7,6 @@ helpers both Label Studio benchmarks share (`bench ingest` is in `services.bench
 """
 
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -35,7 +34,6 @@ from services.models import Item, ItemStatus, LabelTask, LabelTaskState
 from services.projects import ProjectSpec, create_project, get_project
 from services.servers import free_port
 
-FOCALLOOP = str(Path(sys.executable).with_name("focalloop"))
 TOKEN_ENV = "FOCALLOOP_BENCH_LABEL_STUDIO_TOKEN"
 LABELS = ["common", "rare"]
 SECRET = "bench-webhook-secret"

@@ -19,7 +19,6 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -36,7 +35,7 @@ from sqlmodel import col, select
 from services import db
 from services.artifacts import load_model
 from services.config import Settings, child_environment
-from services.cycle.flow import Stage, Step
+from services.cycle.flow import Stage, Step, task_name
 from services.cycle.score import score_stage
 from services.datasets.pool import add_to_pool
 from services.datasets.store import open_store
@@ -58,11 +57,10 @@ from services.models import (
     ScoreChunk,
 )
 from services.projects import ProjectSpec, create_project
-from services.servers import RedisServer, free_port
+from services.servers import FOCALLOOP, RedisServer, free_port
 from services.state import create_cycle, transition_cycle
 
 LABELS = [f"class-{i}" for i in range(10)]
-FOCALLOOP = str(Path(sys.executable).with_name("focalloop"))
 
 
 @dataclass(frozen=True)
@@ -297,7 +295,7 @@ def _bench_size(
     # One warm-up round of the distributed path, so each worker process has loaded the model.
     warm = _scoring_cycle(engine, name)
     for chunk_id in warm:
-        sender.send_task("focalloop.score_chunk", args=[chunk_id], queue="gpu")
+        sender.send_task(task_name(Stage.SCORE), args=[chunk_id], queue="gpu")
     _wait(engine, warm)
     _wait_final(engine, warm[0])
     for _ in range(repeats):
@@ -314,7 +312,7 @@ def _bench_size(
         chunk_ids = _scoring_cycle(engine, name)
         start = time.perf_counter()
         for chunk_id in chunk_ids:
-            sender.send_task("focalloop.score_chunk", args=[chunk_id], queue="gpu")
+            sender.send_task(task_name(Stage.SCORE), args=[chunk_id], queue="gpu")
         _wait(engine, chunk_ids)
         distributed.append(time.perf_counter() - start)
         _wait_final(engine, chunk_ids[0])

@@ -22,9 +22,7 @@ from typing import Any
 import httpx
 
 from services.config import Settings, child_environment
-from services.servers import free_port
-
-FOCALLOOP = str(Path(sys.executable).with_name("focalloop"))
+from services.servers import FOCALLOOP, free_port
 
 
 @dataclass(frozen=True)

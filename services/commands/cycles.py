@@ -32,7 +32,7 @@ def worker(
     """Run a Celery worker for the given queues (blocks until stopped)."""
     from services import logs
     from services.config import get_settings
-    from workers.devices import host_cpus, plan_workers, visible_gpus
+    from workers.devices import WorkerPlan, host_cpus, plan_workers, visible_gpus
 
     wanted = [q.strip() for q in queues.split(",") if q.strip()]
     if not wanted or set(wanted) - {"gpu", "io"}:
@@ -46,6 +46,10 @@ def worker(
         gpus=visible_gpus(),
         cpus=host_cpus(),
     )
+    if pool != "prefork" and plan.gpus:
+        # One process is pinned to one GPU: a threads or solo pool uses that one only.
+        console.print(f"--pool {pool} runs in one process: it uses GPU {plan.gpus[0]} only")
+        plan = WorkerPlan(concurrency=concurrency or 1, gpus=plan.gpus[:1])
     import workers.tasks
     from workers.app import app as celery_app
 

@@ -67,13 +67,16 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-def _terminate_on_sigterm() -> None:
-    """Treat SIGTERM like Ctrl-C, so `kill` stops the children as cleanly as a keypress."""
+def _stop_on_signals() -> None:
+    """Treat SIGTERM like Ctrl-C, so `kill` stops the children as cleanly as a keypress; and
+    answer Ctrl-C even when started by a parent that ignores SIGINT (a shell's background job
+    without job control passes SIG_IGN on, and Python then installs no handler of its own)."""
 
     def interrupt(_signum: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
 
 
 def up(
@@ -133,7 +136,7 @@ def up(
     created_token = ensure_admin_token(engine, token_file)
     logs = data_dir / "logs"
     logs.mkdir(exist_ok=True)
-    _terminate_on_sigterm()
+    _stop_on_signals()
     with ExitStack() as cleanup:
         label_studio_url = None
         if with_label_studio:

@@ -8,6 +8,7 @@ from sqlmodel import Session, col, func, select
 
 from services.cycle.decide import allowance
 from services.datasets.pool import SEED_SOURCE
+from services.datasets.snapshot import get_version
 from services.models import Annotation, Cycle, CycleState, Item, ItemStatus, Project
 
 
@@ -75,12 +76,16 @@ def labels_after(session: Session, project: Project, moment: datetime | None) ->
 
 
 def labels_since_last_cycle(session: Session, project: Project) -> int:
-    """Labels people gave after the project's newest finished cycle started (all of them before
-    one finished): once the budget is spent, a cycle still starts while this is above zero, so
-    the last labels are trained on, also after a last cycle that failed or was cancelled."""
-    last_start = session.exec(
-        select(func.max(Cycle.created_at)).where(
-            Cycle.project_id == project.id, Cycle.state == CycleState.DONE
-        )
-    ).one()
-    return labels_after(session, project, last_start)
+    """Labels people gave after the dataset version the project's newest finished cycle trained
+    on was committed (all of them when none finished, or it had no version): once the budget is
+    spent, a cycle still starts while this is above zero, so the last labels are trained on,
+    also after a last cycle that failed, was cancelled, or was started on an older version."""
+    newest = session.exec(
+        select(Cycle)
+        .where(Cycle.project_id == project.id, Cycle.state == CycleState.DONE)
+        .order_by(col(Cycle.number).desc())
+    ).first()
+    if newest is None or newest.dataset_version is None:
+        return labels_after(session, project, None)
+    version = get_version(session, project, newest.dataset_version)
+    return labels_after(session, project, version.committed_at)

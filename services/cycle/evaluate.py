@@ -2,18 +2,17 @@
 set, and the current model's evaluation for comparison) and the gate's decision."""
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from services.artifacts import Scorer, predict
 from services.config import Settings
 from services.evaluation_set import EvalLabels
 from services.gate import Decision, GateConfig, decide
 from services.ml.checkpoint import Checkpoint
 from services.ml.metrics import EvaluationReport, default_minority_class, evaluate
-from services.ml.nets import Classifier, ModelSpec
-from services.ml.score import score
 from services.ml.train import TrainResult
 from services.recipe import scalar_gamma
 
@@ -35,19 +34,6 @@ class EvaluationSet:
     items: NDArray[np.float32] | None
 
 
-class _Scorer(Protocol):
-    """A trained model as a report needs it: a `TrainResult` or a loaded `Checkpoint`."""
-
-    @property
-    def model(self) -> Classifier: ...
-
-    @property
-    def spec(self) -> ModelSpec: ...
-
-    @property
-    def temperature(self) -> float: ...
-
-
 @dataclass(frozen=True)
 class _Judge:
     """Reports on one footing: the training set's minority class, the loss's gamma, and the
@@ -58,16 +44,10 @@ class _Judge:
     settings: Settings
 
     def report(
-        self, scorer: _Scorer, inputs: NDArray[np.float32], truth: list[int]
+        self, scorer: Scorer, inputs: NDArray[np.float32], truth: list[int]
     ) -> EvaluationReport:
         """`scorer`'s metrics on items [n, *shape] whose labels are `truth` [n]."""
-        probs = score(
-            scorer.model,
-            inputs,
-            spec=scorer.spec,
-            temperature=scorer.temperature,
-            device=self.settings.device,
-        ).probs
+        probs = predict(scorer, inputs, self.settings).probs
         return evaluate(
             probs,
             np.asarray(truth, dtype=np.int64),

@@ -12,13 +12,22 @@ from enum import StrEnum
 
 
 class Stage(StrEnum):
-    """The cycle's stages that run as units of work (Celery task `focalloop.<value>`)."""
+    """The cycle's stages that run as units of work (Celery task `task_name(stage)`)."""
 
     TRAIN = "train"
     SCORE = "score_chunk"
     SELECT = "select"
     HAND_OFF = "hand_off"
     INGEST = "ingest"
+
+
+# The stages that run a model: on a GPU when there is one (the gpu queue).
+ACCELERATED = frozenset({Stage.TRAIN, Stage.SCORE})
+
+
+def task_name(stage: Stage) -> str:
+    """The Celery task that runs `stage`: what workers register, and the API and beat send."""
+    return f"focalloop.{stage.value}"
 
 
 # train -> score every chunk (or select at once: cold start, nothing to score) -> the chunk that

@@ -2,6 +2,7 @@
 each through the labeler whose source they carry. A bad event records its error and the others
 go on; an event already processed changes nothing."""
 
+import logging
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -14,9 +15,12 @@ from services.cycle.flow import Step
 from services.db import session_scope
 from services.models import InboxEvent, utcnow
 
+log = logging.getLogger(__name__)
+
 
 def ingest_stage(engine: sa.Engine, settings: Settings, step: Step) -> list[Step]:
-    ingest_events(engine, step.event_ids)
+    report = ingest_events(engine, step.event_ids)
+    log.info("ingested %s", report)
     return []
 
 

@@ -6,7 +6,7 @@ rows a Celery run leaves, because they run the same stages (`stages.run_step`)."
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 
 import sqlalchemy as sa
@@ -19,9 +19,13 @@ from services.cycle.recover import recover_stalled
 from services.cycle.stages import run_step
 from services.cycle.trigger import start_due_cycles
 from services.db import session_scope
+from services.errors import TransientError
 from services.models import Cycle, CycleState
 
 log = logging.getLogger(__name__)
+
+
+RETRIES = 8  # a step that raised TransientError runs again, as often as Celery would retry it
 
 
 def drain(
@@ -32,12 +36,24 @@ def drain(
     timed: Callable[[Step, float], None] | None = None,
 ) -> None:
     """Run `steps` and every step that follows them, first come first served; `timed` hears of
-    each step run and the seconds it took."""
+    each step run and the seconds it took. A step that raises `TransientError` goes to the back
+    of the queue (its stage released what it held), up to `RETRIES` times, as a Celery retry
+    would; the other steps go on meanwhile."""
     queue = deque(steps)
+    failures: Counter[Step] = Counter()
     while queue:
         step = queue.popleft()
         started = time.perf_counter()
-        queue.extend(run_step(engine, settings, step))
+        try:
+            following = run_step(engine, settings, step)
+        except TransientError:
+            failures[step] += 1
+            if failures[step] > RETRIES:
+                raise
+            log.warning("step %s failed for now (try %d); running it again", step, failures[step])
+            queue.append(step)
+            continue
+        queue.extend(following)
         if timed is not None:
             timed(step, time.perf_counter() - started)
 

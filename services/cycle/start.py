@@ -28,10 +28,11 @@ from services.state import create_cycle
 def start_cycle(session: Session, project_name: str, *, trigger: str, settings: Settings) -> Cycle:
     """A new pending cycle on the project's newest committed dataset version.
 
-    Refused (InvalidInput) for a paused project, and for a spent label budget once a cycle has
-    started after the last label arrived (the last labels within the budget are always trained
-    on). Conflict when the project already has an active cycle (the database's unique index
-    decides, so concurrent starts yield exactly one cycle).
+    Refused (InvalidInput) for a paused project, and for a spent label budget once a finished
+    cycle has trained on a version holding every label (`budget.labels_since_last_cycle`: the
+    last labels within the budget are always trained on). Conflict when the project already
+    has an active cycle (the database's unique index decides, so concurrent starts yield
+    exactly one cycle).
     """
     project = get_project(session, project_name)
     if project.paused:

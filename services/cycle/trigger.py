@@ -4,7 +4,6 @@ trains on the final labels and then nothing starts. New labels are committed as 
 version (the snapshot) before the cycle that trains on them starts."""
 
 import logging
-from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -14,10 +13,10 @@ from sqlmodel import Session, col, func, select
 from services.config import Settings
 from services.cycle.budget import budget_spent, labels_after, labels_since_last_cycle
 from services.cycle.start import active_cycle, start_cycle
-from services.datasets.snapshot import get_version, snapshot
+from services.datasets.snapshot import committed_versions, get_version, snapshot
 from services.db import session_scope
 from services.errors import Conflict
-from services.models import Cycle, Item, Project, utcnow
+from services.models import Annotation, Cycle, Item, Project, utcnow
 from services.projects import get_project, list_projects
 from services.promotion import newest_model
 
@@ -52,57 +51,71 @@ def cron_due(project: Project, last_start: datetime | None, now: datetime) -> bo
     return bool(schedule.is_due(last_start).is_due)
 
 
-@dataclass(frozen=True)
-class _Due:
-    """Why the next cycle starts, and whether labels arrived that no dataset version holds."""
-
-    trigger: str
-    new_labels: bool
-
-
-def _due(session: Session, project: Project, now: datetime) -> _Due | None:
-    """The project's next cycle's trigger, or None when none is due."""
+def _due(session: Session, project: Project, now: datetime) -> str | None:
+    """The trigger of the project's next cycle, or None when none is due."""
     last_start = session.exec(
         select(func.max(Cycle.created_at)).where(Cycle.project_id == project.id)
     ).one()
     if last_start is None:
-        return _Due("first cycle", new_labels=True)
-    new_labels = labels_since_model(session, project)
+        return "first cycle"
     if budget_spent(session, project):
         # No more labels will come: train on the last ones whatever the retrain threshold.
         final = labels_since_last_cycle(session, project)
-        return _Due(f"budget spent: training on the last {final} labels", True) if final else None
+        return f"budget spent: training on the last {final} labels" if final else None
+    new_labels = labels_since_model(session, project)
     if new_labels >= project.retrain_min_new_labels:
-        return _Due(f"{new_labels} new labels", new_labels=True)
+        return f"{new_labels} new labels"
     if cron_due(project, last_start, now):
-        return _Due(f"cron {project.retrain_cron}", new_labels=new_labels > 0)
+        return f"cron {project.retrain_cron}"
     return None
+
+
+def _unversioned_changes(session: Session, project: Project) -> bool:
+    """Whether labels changed since the newest committed dataset version (an answer given or
+    withdrawn after it, or labels and no version yet): only then is a new version committed."""
+    versions = committed_versions(session, project)
+    committed = versions[-1].committed_at if versions else None
+    if committed is None:
+        return (
+            session.exec(
+                select(func.count())
+                .select_from(Item)
+                .where(Item.project_id == project.id, col(Item.label).is_not(None))
+            ).one()
+            > 0
+        )
+    changed = session.exec(
+        select(func.count())
+        .select_from(Annotation)
+        .where(
+            Annotation.project_id == project.id,
+            sa.or_(
+                col(Annotation.created_at) > committed,
+                col(Annotation.withdrawn_at) > committed,
+            ),
+        )
+    ).one()
+    return changed > 0
 
 
 def maybe_start_cycle(
     engine: sa.Engine, project_name: str, settings: Settings, *, now: datetime | None = None
 ) -> Cycle | None:
     """Beat's trigger for one project: start a cycle when none is active, the project is not
-    paused, and a trigger is due (see `_due`). New labels are first committed as a dataset
-    version, so the cycle trains on them."""
+    paused, and a trigger is due (see `_due`). Labels that changed since the newest dataset
+    version are first committed as a new one, so the cycle trains on them."""
     now = now or utcnow()
     with session_scope(engine) as session:
         project = get_project(session, project_name)
         if project.paused or active_cycle(session, project) is not None:
             return None
-        due = _due(session, project, now)
-        if due is None:
+        trigger = _due(session, project, now)
+        if trigger is None:
             return None
-        if due.new_labels:
-            labeled = session.exec(
-                select(func.count())
-                .select_from(Item)
-                .where(Item.project_id == project.id, col(Item.label).is_not(None))
-            ).one()
-            if labeled:
-                snapshot(session, project, settings=settings)
+        if _unversioned_changes(session, project):
+            snapshot(session, project, settings=settings)
         try:
-            return start_cycle(session, project.name, trigger=due.trigger, settings=settings)
+            return start_cycle(session, project.name, trigger=trigger, settings=settings)
         except Conflict:
             return None  # a concurrent trigger won; its cycle runs
 

@@ -131,6 +131,10 @@ def validate(dataset: Dataset, config: SimulationConfig) -> int:
     if config.budget is not None and config.budget < config.init:
         raise InvalidInput(f"--budget {config.budget} is below --init {config.init}")
     check_noise(config.noise)
+    rows = dataset.items.reshape(len(dataset.items), -1)
+    if len(np.unique(rows, axis=0)) < len(rows):
+        # A project keeps one item per content (items are deduplicated by their bytes).
+        raise InvalidInput("X holds repeated rows; a project keeps one of each: remove them")
     if config.rare_class is not None:
         return config.rare_class
     return default_minority_class(dataset.labels, n_classes)

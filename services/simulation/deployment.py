@@ -17,6 +17,7 @@ from labeling.simulated import set_simulated_labeler
 from services import db
 from services.config import Settings
 from services.datasets.pool import add_to_pool
+from services.errors import InvalidInput
 from services.projects import ProjectSpec, create_project
 
 PROJECT = "simulation"
@@ -104,9 +105,16 @@ def deploy(
                 seed=project.seed,
             ),
         )
-        add_to_pool(
+        report = add_to_pool(
             session, created, str(source), settings=settings, trusted_roots=[f"file://{folder}"]
         )
+        if report.duplicates or report.unreadable:
+            # The product keeps one item per content and skips what it cannot read; the split
+            # and the initial labels would then no longer be the seed's.
+            raise InvalidInput(
+                f"the data holds {report.duplicates} repeated and {report.unreadable} unusable "
+                "(non-finite) rows in a seed's pool; remove them before simulating"
+            )
         set_simulated_labeler(
             session,
             PROJECT,

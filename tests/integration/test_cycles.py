@@ -297,6 +297,36 @@ def test_a_chunk_that_fails_every_time_fails_the_cycle_after_n_attempts(
     assert stage(engine, settings, Stage.SELECT, cycle_id) == []
 
 
+def test_the_in_process_runner_retries_a_failing_chunk_as_celery_would(
+    engine: sa.Engine, cycle_settings: Settings, digits: Digits, tmp_path: Path
+) -> None:
+    settings = cycle_settings.model_copy(update={"max_chunk_attempts": 3})
+    project = make_digits_project(engine, settings, digits, tmp_path)
+    run_stages(engine, begin(engine, project.name, settings), settings)
+    extra = tmp_path / "extra.npz"
+    np.savez(extra, features=digits.features[1000:1100] + 0.001)
+    with db.session_scope(engine) as session:
+        report = add_to_pool(
+            session,
+            get_project(session, project.name),
+            str(extra),
+            settings=settings,
+            trusted_roots=[f"file://{tmp_path}"],
+        )
+    (tmp_path / "store" / report.shards[0]).write_bytes(b"PAR1 damaged")
+    cycle_id = begin(engine, project.name, settings)
+    run_stages(engine, cycle_id, settings)  # retried in the drain, never raised out of it
+    failed = cycle_row(engine, cycle_id)
+    assert failed.state == "failed"
+    assert "failed 3 times" in (failed.failure_reason or "")
+    with db.session_scope(engine) as session:
+        states = sorted(
+            chunk.state
+            for chunk in session.exec(select(ScoreChunk).where(ScoreChunk.cycle_id == cycle_id))
+        )
+    assert states.count("failed") == 1 and states.count("done") == len(states) - 1
+
+
 def _start_together(
     url: str,
     name: str,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from labeling.registry import LABELERS, labeler_of_source
-from services.cycle.flow import FOLLOWS, Stage
+from services.cycle.flow import FOLLOWS, Stage, task_name
 from services.cycle.stages import STAGES
 from workers.app import GPU_TASKS
 from workers.tasks import TASKS
@@ -51,15 +51,38 @@ def test_every_function_of_the_cycle_fits_on_one_screen() -> None:
     assert long == {}
 
 
+def test_the_learning_core_and_selection_import_nothing_of_the_project_but_errors() -> None:
+    """services/ml and services/selection are pure (lint-imports forbids a list of modules;
+    this allows only the leaf error module, so a new project module cannot slip in)."""
+    allowed = ("services.errors", "services.ml", "services.selection")
+    found = {}
+    for package in ("ml", "selection"):
+        for path in sorted((ROOT / "services" / package).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = (
+                    [alias.name for alias in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom)
+                    else []
+                )
+                for name in names:
+                    ours = name.split(".")[0] in ("services", "labeling", "workers", "tests")
+                    if ours and not name.startswith(allowed):
+                        found[f"{package}/{path.name}"] = name
+    assert found == {}
+
+
 def test_the_flow_is_declared_once_and_every_runner_covers_it() -> None:
     assert set(FOLLOWS) == set(Stage)
     assert set(STAGES) == set(Stage)  # the in-process runner and the tasks run these
     assert set(TASKS) == set(Stage)
-    assert {f"focalloop.{stage.value}" for stage in Stage} == {
+    assert {task_name(stage) for stage in Stage} == {
         task.name  # type: ignore[attr-defined]
         for task in TASKS.values()
     }
-    # Training and scoring need the accelerator; everything else is io.
+    # Training and scoring need the accelerator; everything else is io. (The wire names are
+    # spelled out here on purpose: renaming a stage must not move it off the gpu queue.)
     assert set(GPU_TASKS) == {"focalloop.train", "focalloop.score_chunk"}
 
 

@@ -123,6 +123,9 @@ def test_requests_that_do_not_fit_the_data_are_refused(digits: Digits) -> None:
         run_simulation(data, SimulationConfig(arms=arms, rare_class=12), Settings())
     with pytest.raises(InvalidInput, match="--batch 500 is larger than the unlabeled pool"):
         run_simulation(data, SimulationConfig(arms=arms, batch=500), Settings())
+    repeated = Dataset(np.concatenate([data.items, data.items[:3]]), np.arange(203) % 10)
+    with pytest.raises(InvalidInput, match="repeated rows"):
+        run_simulation(repeated, SimulationConfig(arms=arms), Settings())
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path: Path) -> None:

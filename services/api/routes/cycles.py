@@ -9,6 +9,7 @@ from services.api.deps import EngineDep, ReadDep, SessionDep, SettingsDep, Write
 from services.api.routes.projects import ProjectName
 from services.api.schemas import ERRORS, CyclePublic
 from services.audit import record
+from services.cycle.flow import Stage, task_name
 from services.cycle.start import cancel_cycle, start_cycle
 from services.db import session_scope
 from services.errors import Conflict
@@ -18,7 +19,7 @@ from services.status import cycle_view, get_cycle, list_cycles
 
 router = APIRouter(prefix="/api/v1/projects/{project}/cycles", tags=["cycles"], responses=ERRORS)
 log = logging.getLogger(__name__)
-TRAIN_TASK = "focalloop.train"
+TRAIN_TASK = task_name(Stage.TRAIN)
 CycleId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
