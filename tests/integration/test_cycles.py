@@ -254,13 +254,13 @@ def test_recovery_reenqueues_expired_leases_and_fails_after_the_attempt_limit(
     assert "gave up after 2 attempts" in (failed.failure_reason or "")
 
 
-def test_a_chunk_that_fails_every_time_fails_the_cycle_after_n_attempts(
-    engine: sa.Engine, cycle_settings: Settings, digits: Digits, tmp_path: Path
-) -> None:
-    settings = cycle_settings.model_copy(update={"max_chunk_attempts": 3})
+def _cycle_with_a_damaged_shard(
+    engine: sa.Engine, settings: Settings, digits: Digits, tmp_path: Path
+) -> tuple[str, int]:
+    """A project past its cold start whose later items landed in a shard of their own, damaged
+    behind focalloop's back; returns that shard's key and the started cycle that will score it."""
     project = make_digits_project(engine, settings, digits, tmp_path)
     run_stages(engine, begin(engine, project.name, settings), settings)
-    # A later batch of items lands in a shard of its own; damage it behind focalloop's back.
     extra = tmp_path / "extra.npz"
     np.savez(extra, features=digits.features[1000:1100] + 0.001)
     with db.session_scope(engine) as session:
@@ -272,12 +272,19 @@ def test_a_chunk_that_fails_every_time_fails_the_cycle_after_n_attempts(
             trusted_roots=[f"file://{tmp_path}"],
         )
     (tmp_path / "store" / report.shards[0]).write_bytes(b"PAR1 damaged")
-    cycle_id = begin(engine, project.name, settings)
+    return report.shards[0], begin(engine, project.name, settings)
+
+
+def test_a_chunk_that_fails_every_time_fails_the_cycle_after_n_attempts(
+    engine: sa.Engine, cycle_settings: Settings, digits: Digits, tmp_path: Path
+) -> None:
+    settings = cycle_settings.model_copy(update={"max_chunk_attempts": 3})
+    damaged, cycle_id = _cycle_with_a_damaged_shard(engine, settings, digits, tmp_path)
     chunks = chunk_ids(stage(engine, settings, Stage.TRAIN, cycle_id))
     with db.session_scope(engine) as session:
         bad_id = session.exec(
             select(ScoreChunk.id).where(
-                ScoreChunk.cycle_id == cycle_id, ScoreChunk.shard_key == report.shards[0]
+                ScoreChunk.cycle_id == cycle_id, ScoreChunk.shard_key == damaged
             )
         ).one()
     bad = bad_id or 0
@@ -301,20 +308,7 @@ def test_the_in_process_runner_retries_a_failing_chunk_as_celery_would(
     engine: sa.Engine, cycle_settings: Settings, digits: Digits, tmp_path: Path
 ) -> None:
     settings = cycle_settings.model_copy(update={"max_chunk_attempts": 3})
-    project = make_digits_project(engine, settings, digits, tmp_path)
-    run_stages(engine, begin(engine, project.name, settings), settings)
-    extra = tmp_path / "extra.npz"
-    np.savez(extra, features=digits.features[1000:1100] + 0.001)
-    with db.session_scope(engine) as session:
-        report = add_to_pool(
-            session,
-            get_project(session, project.name),
-            str(extra),
-            settings=settings,
-            trusted_roots=[f"file://{tmp_path}"],
-        )
-    (tmp_path / "store" / report.shards[0]).write_bytes(b"PAR1 damaged")
-    cycle_id = begin(engine, project.name, settings)
+    _, cycle_id = _cycle_with_a_damaged_shard(engine, settings, digits, tmp_path)
     run_stages(engine, cycle_id, settings)  # retried in the drain, never raised out of it
     failed = cycle_row(engine, cycle_id)
     assert failed.state == "failed"
