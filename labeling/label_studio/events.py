@@ -16,6 +16,7 @@ from sqlmodel import Session, col, select
 from labeling.label_studio.link import SOURCE
 from labeling.label_studio.payloads import (
     ParsedAnnotation,
+    label_studio_id,
     parse_annotation,
 )
 from services.db import session_scope
@@ -86,11 +87,7 @@ def store_webhook(
         raise InvalidInput("the webhook body has no 'action'")
     if action not in CREATED_OR_UPDATED and action != DELETED:
         return None, "ignored"
-    if action == DELETED:
-        if not isinstance(body.get("annotations"), list):
-            raise InvalidInput(f"{action} without an 'annotations' list")
-    elif not isinstance(body.get("annotation"), (Mapping, list)):
-        raise InvalidInput(f"{action} without an 'annotation'")
+    check_event(action, body)
     values = {
         "source": SOURCE,
         "event_key": event_key(action, body),
@@ -117,6 +114,32 @@ def store_webhook(
     return int(event_id), "stored"
 
 
+def check_event(action: str, body: Mapping[str, Any]) -> None:
+    """InvalidInput when a created/updated/deleted body cannot be applied as it stands: what
+    Label Studio itself never sends (an id past 64 bits, a timestamp outside the calendar, a
+    result that is not a list of regions). Refusing it at the door keeps it out of the inbox; an
+    annotation that merely chose no single label is a person's answer and is stored, to be
+    reported at ingest."""
+    if action == DELETED:
+        deleted = body.get("annotations")
+        if not isinstance(deleted, list):
+            raise InvalidInput(f"{action} without an 'annotations' list")
+        for annotation in deleted:
+            if not isinstance(annotation, Mapping) or label_studio_id(annotation.get("id")) is None:
+                raise InvalidInput(f"{action} names an annotation without an id in [0, 2**63)")
+        return
+    raw = body.get("annotation")
+    if not isinstance(raw, (Mapping, list)):
+        raise InvalidInput(f"{action} without an 'annotation'")
+    task = body.get("task")
+    if task is not None and not isinstance(task, Mapping):
+        raise InvalidInput(f"{action} with a 'task' that is not an object")
+    for annotation in raw if isinstance(raw, list) else [raw]:
+        if not isinstance(annotation, Mapping):
+            raise InvalidInput(f"{action} carries an annotation that is not an object")
+        parse_annotation(annotation, task)
+
+
 @dataclass
 class EventOutcome:
     stored: int = 0
@@ -139,10 +162,15 @@ def apply_events(session: Session, events: Sequence[InboxEvent]) -> dict[int, Ev
         body = event.payload
         if event.action == DELETED:
             for annotation in body.get("annotations") or []:
-                if isinstance(annotation, Mapping) and isinstance(annotation.get("id"), int):
-                    deletions.setdefault(event.project_id, []).append(
-                        (event.id or 0, str(annotation["id"]))
-                    )
+                deleted_id = (
+                    label_studio_id(annotation.get("id"))
+                    if isinstance(annotation, Mapping)
+                    else None
+                )
+                if deleted_id is None:
+                    outcome.errors.append("a deleted annotation without an id in [0, 2**63)")
+                    continue
+                deletions.setdefault(event.project_id, []).append((event.id or 0, str(deleted_id)))
             continue
         raw = body.get("annotation")
         task = body.get("task") if isinstance(body.get("task"), Mapping) else None
@@ -308,6 +336,20 @@ def _mark(event: InboxEvent, outcome: EventOutcome, totals: IngestTotals) -> Non
     event.processed_at = utcnow()
 
 
+def _apply_alone(session: Session, event: InboxEvent) -> EventOutcome:
+    try:
+        with session.begin_nested():
+            return apply_events(session, [event])[event.id or 0]
+    except sa.exc.OperationalError:
+        raise
+    except Exception as error:
+        log.warning("inbox event %s quarantined", event.id, exc_info=True)
+        reason = str(error)
+        if not isinstance(error, FocalloopError):
+            reason = f"{type(error).__name__}: {reason}"
+        return EventOutcome(errors=[f"could not be applied: {reason}"[:1000]])
+
+
 def ingest_pending(engine: sa.Engine, *, batch: int = INGEST_BATCH) -> IngestTotals:
     """Apply every unprocessed Label Studio event, oldest first, in batches of `batch` per
     transaction. Concurrent callers take disjoint batches (`FOR UPDATE SKIP LOCKED` on
@@ -331,15 +373,13 @@ def ingest_pending(engine: sa.Engine, *, batch: int = INGEST_BATCH) -> IngestTot
             try:
                 with session.begin_nested():
                     outcomes = apply_events(session, events)
-            except (FocalloopError, sa.exc.IntegrityError):
+            except sa.exc.OperationalError:
+                raise  # the database is away: nothing is poison, the task retries
+            except Exception:
+                # Anything else is some event's fault: find it by applying one at a time, and
+                # quarantine it with its reason so it never blocks the others again.
                 log.warning("a batch of %d events failed; applying one by one", len(events))
-                outcomes = {}
-                for event in events:
-                    try:
-                        with session.begin_nested():
-                            outcomes.update(apply_events(session, [event]))
-                    except (FocalloopError, sa.exc.IntegrityError) as error:
-                        outcomes[event.id or 0] = EventOutcome(errors=[str(error)])
+                outcomes = {event.id or 0: _apply_alone(session, event) for event in events}
             for event in events:
                 _mark(event, outcomes[event.id or 0], totals)
                 session.add(event)

@@ -166,13 +166,16 @@ def parse_time(value: object) -> datetime:
     """Label Studio's ISO timestamps ('...Z' or with an offset) as aware UTC."""
     if not isinstance(value, str) or not value:
         raise InvalidInput(f"expected an ISO timestamp, got {value!r}")
+    if len(value) > 64:
+        raise InvalidInput("bad timestamp: longer than any ISO timestamp")
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError as error:
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)  # Label Studio's server time is UTC
+        # Converting can leave datetime's range (year 1 at +01:00 is year 0 in UTC).
+        return parsed.astimezone(UTC)
+    except (ValueError, OverflowError) as error:
         raise InvalidInput(f"bad timestamp {value!r}: {error}") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)  # Label Studio's server time is UTC
-    return parsed.astimezone(UTC)
 
 
 def annotator_name(completed_by: object) -> str:
@@ -191,8 +194,41 @@ def task_item(task: Mapping[str, Any]) -> tuple[int | None, TaskKind]:
     data = task.get("data") or {}
     raw = data.get(ITEM_KEY) if isinstance(data, Mapping) else None
     kind = data.get(KIND_KEY, "label") if isinstance(data, Mapping) else "label"
-    item_id = raw if isinstance(raw, int) and not isinstance(raw, bool) else None
-    return item_id, "review" if kind == "review" else "label"
+    return label_studio_id(raw), "review" if kind == "review" else "label"
+
+
+# Label Studio's ids are 64-bit database keys; anything outside cannot be one of its ids and
+# would overflow our BIGINT columns.
+MAX_ID = 2**63 - 1
+
+
+def label_studio_id(value: object) -> int | None:
+    """value when it is a Label Studio id (an int in [0, 2**63 - 1], not a bool), else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_ID:
+        return value
+    return None
+
+
+def chosen_labels(result: object) -> list[str]:
+    """The labels an annotation's result picks in our Choices tag. InvalidInput when the result
+    is not the list of regions Label Studio sends (so it cannot be read at all); an empty list
+    when it picks nothing."""
+    if result is None:
+        return []
+    if not isinstance(result, list):
+        raise InvalidInput("the annotation's result is not a list of regions")
+    chosen: list[str] = []
+    for region in result:
+        if not isinstance(region, Mapping):
+            raise InvalidInput("the annotation's result holds a region that is not an object")
+        if region.get("from_name") != CHOICES_NAME or region.get("type") != "choices":
+            continue  # another tag's region (a future interface may add some): not ours
+        value = region.get("value")
+        choices = value.get("choices") if isinstance(value, Mapping) else None
+        if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+            raise InvalidInput("a choices region whose value is not {'choices': [label, ...]}")
+        chosen.extend(choices)
+    return chosen
 
 
 def parse_annotation(
@@ -202,15 +238,22 @@ def parse_annotation(
 
     `task` is the annotation's task when the payload carries it separately (webhooks); listings
     nest annotations under their task and pass it too. Raises InvalidInput when the annotation
-    has no id, task or timestamp.
+    has no id, task or timestamp, or a result that cannot be read.
     """
-    annotation_id = annotation.get("id")
-    if not isinstance(annotation_id, int):
-        raise InvalidInput("annotation without an integer id")
+    annotation_id = label_studio_id(annotation.get("id"))
+    if annotation_id is None:
+        raise InvalidInput("annotation without an integer id in [0, 2**63)")
     task = task if task is not None else {}
-    raw_task_id = task.get("id", annotation.get("task"))
-    if not isinstance(raw_task_id, int):
-        raise InvalidInput(f"annotation {annotation_id} names no task")
+    raw_task_id = label_studio_id(task.get("id", annotation.get("task")))
+    if raw_task_id is None:
+        raise InvalidInput(f"annotation {annotation_id} names no task id in [0, 2**63)")
+    named = annotation.get("task")
+    if named is not None and named != raw_task_id:
+        # Label Studio never sends this; trusting either side could label the wrong item.
+        raise InvalidInput(
+            f"annotation {annotation_id} names task {str(named)[:40]} "
+            f"but comes with task {raw_task_id}"
+        )
     item_id, kind = task_item(task)
     updated_at = parse_time(annotation.get("updated_at") or annotation.get("created_at"))
     cancelled = bool(annotation.get("was_cancelled", False))
@@ -222,17 +265,9 @@ def parse_annotation(
         "updated_at": updated_at,
         "annotator": annotator_name(annotation.get("completed_by")),
     }
+    chosen = chosen_labels(annotation.get("result"))
     if cancelled:
         return ParsedAnnotation(label=None, cancelled=True, **common)  # type: ignore[arg-type]
-    chosen: list[str] = []
-    for region in annotation.get("result") or []:
-        if (
-            isinstance(region, Mapping)
-            and region.get("from_name") == CHOICES_NAME
-            and region.get("type") == "choices"
-        ):
-            value = region.get("value") or {}
-            chosen.extend(str(choice) for choice in value.get("choices") or [])
     if len(chosen) == 1:
         return ParsedAnnotation(label=chosen[0], cancelled=False, **common)  # type: ignore[arg-type]
     error = (

@@ -1,6 +1,7 @@
 """Reconciling with Label Studio, which never retries a webhook: every annotation revision we lack
 is stored through the inbox, every one Label Studio no longer has is withdrawn."""
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,8 @@ from services.projects import get_project
 from services.state import (
     withdraw_annotation,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,9 @@ def sync_annotations(engine: sa.Engine, project_name: str, settings: Settings) -
             remote_ids.add(str(annotation_id))
             try:
                 parsed = parse_annotation(annotation, task.raw)
-            except InvalidInput:
+            except InvalidInput as error:
+                # What Label Studio lists it also keeps: nothing to store, but worth a line.
+                log.warning("Label Studio annotation %s not synced: %s", annotation_id, error)
                 continue
             if (str(annotation_id), parsed.updated_at) not in stored_revisions:
                 missing.append((annotation, task.raw))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import mimetypes
 from collections.abc import AsyncIterator, Callable
@@ -26,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from labeling.label_studio.events import store_webhook, webhook_project_id
 from labeling.label_studio.media import check_media_signature
 from services import logs
+from services.api.bodies import json_object, read_capped
 from services.api.metrics import metrics_registry
 from services.api.routes import admin, cycles, datasets, models, operations, projects, queue
 from services.api.schemas import Problem
@@ -83,18 +83,6 @@ class IngestDoorbell:
         ids, self._pending = self._pending, []
         if ids:
             self._deliver(ids)
-
-
-async def _read_capped(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"body larger than {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > limit:
-            raise HTTPException(413, f"body larger than {limit} bytes")
-    return bytes(body)
 
 
 def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> FastAPI:
@@ -165,13 +153,7 @@ def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> FastAP
         given = secret or ""
         if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
             raise HTTPException(401, "missing or wrong X-Focalloop-Secret header")
-        raw = await _read_capped(request, settings.webhook_max_body_bytes)
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise HTTPException(400, f"the body is not JSON: {error}") from None
-        if not isinstance(body, dict):
-            raise HTTPException(400, "the body must be a JSON object")
+        body = json_object(await read_capped(request, settings.webhook_max_body_bytes))
 
         def store() -> tuple[int | None, str]:
             # One autocommit statement: the event is durable when the answer goes out.

@@ -148,6 +148,29 @@ def test_parse_annotation_label_cancel_and_errors() -> None:
         parse_annotation(_annotation(updated_at="yesterday"))
 
 
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"id": True}, "integer id"),
+        ({"id": -1}, "integer id"),
+        ({"id": 2**63}, "integer id"),
+        ({"task": 2**64}, "names task"),
+        ({"updated_at": "0001-01-01T00:00:00+00:01"}, "out of range"),
+        ({"updated_at": "9999-12-31T23:59:59-00:01"}, "out of range"),
+        ({"updated_at": "2026-01-01T00:00:00" + "0" * 100}, "longer than"),
+        ({"result": {"choices": ["a"]}}, "not a list"),
+        ({"result": ["a"]}, "not an object"),
+        ({"result": [{"from_name": "label", "type": "choices", "value": ["a"]}]}, "choices"),
+        ({"result": [{"from_name": "label", "type": "choices", "value": {"choices": [1]}}]}, ""),
+    ],
+)
+def test_what_label_studio_never_sends_is_invalid_input(
+    changes: dict[str, object], reason: str
+) -> None:
+    with pytest.raises(InvalidInput, match=reason):
+        parse_annotation(_annotation(**changes), {"id": 5, "data": {}})
+
+
 def test_times_and_annotators() -> None:
     assert parse_time("2026-01-02T03:04:05+02:00") == datetime(2026, 1, 2, 1, 4, 5, tzinfo=UTC)
     assert parse_time("2026-01-02T03:04:05") == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
