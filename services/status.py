@@ -18,6 +18,7 @@ from services.models import (
     Cycle,
     DatasetVersion,
     DatasetVersionState,
+    InboxEvent,
     Item,
     ItemStatus,
     LabelTask,
@@ -196,8 +197,18 @@ class QueuedTask:
 
 
 @dataclass(frozen=True)
+class RejectedEvent:
+    """An event from the labeling tool that ingest set aside, with why (never retried)."""
+
+    event_id: int
+    received_at: datetime
+    error: str
+
+
+@dataclass(frozen=True)
 class QueueStatus:
-    """The labeling queue of a project right now."""
+    """The labeling queue of a project right now. rejected_events counts every event set aside;
+    recent_rejections lists the newest of them."""
 
     selected: int
     queued: int
@@ -208,6 +219,19 @@ class QueueStatus:
     annotators: list[AnnotatorStats]
     agreement: Agreement
     hardest: list[QueuedTask] = field(default_factory=list)
+    rejected_events: int = 0
+    recent_rejections: list[RejectedEvent] = field(default_factory=list)
+
+
+def rejected_events(session: Session, project: Project, *, newest: int) -> list[RejectedEvent]:
+    """The project's `newest` set-aside events, newest first."""
+    rows = session.exec(
+        select(InboxEvent.id, InboxEvent.received_at, InboxEvent.error)
+        .where(InboxEvent.project_id == project.id, col(InboxEvent.error).is_not(None))
+        .order_by(col(InboxEvent.id).desc())
+        .limit(newest)
+    ).all()
+    return [RejectedEvent(int(i or 0), at, str(error)) for i, at, error in rows]
 
 
 def queue_status(session: Session, project: Project, *, hardest: int = 20) -> QueueStatus:
@@ -271,6 +295,14 @@ def queue_status(session: Session, project: Project, *, hardest: int = 20) -> Qu
         annotators=annotator_stats(session, project),
         agreement=agreement(session, project),
         hardest=[QueuedTask(*row) for row in open_rows],
+        rejected_events=int(
+            session.exec(
+                select(func.count())
+                .select_from(InboxEvent)
+                .where(InboxEvent.project_id == project.id, col(InboxEvent.error).is_not(None))
+            ).one()
+        ),
+        recent_rejections=rejected_events(session, project, newest=10),
     )
 
 

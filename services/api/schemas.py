@@ -344,6 +344,12 @@ class QueuedTaskPublic(BaseModel):
     prediction_score: float | None
 
 
+class RejectedEventPublic(BaseModel):
+    event_id: int
+    received_at: datetime
+    error: str
+
+
 class QueuePublic(BaseModel):
     selected: int
     queued: int
@@ -354,6 +360,12 @@ class QueuePublic(BaseModel):
     annotators: list[AnnotatorPublic]
     agreement: AgreementPublic
     hardest: list[QueuedTaskPublic] = Field(description="Open tasks, hardest (lowest p) first.")
+    rejected_events: int = Field(
+        description="Labeling-tool events ingest set aside (unknown label, malformed, ...)."
+    )
+    recent_rejections: list[RejectedEventPublic] = Field(
+        description="The newest 10 of them with their reasons."
+    )
 
 
 class TokenCreate(Strict):

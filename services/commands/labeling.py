@@ -103,8 +103,9 @@ def status(name: Annotated[str, typer.Argument(help="The focalloop project.")]) 
 
     from labeling.label_studio.link import LabelStudioLink
     from services.db import session_scope
-    from services.models import InboxEvent, Item, LabelTask
+    from services.models import Item, LabelTask
     from services.projects import get_project
+    from services.status import rejected_events
 
     with session_scope(engine_for()) as session:
         project = get_project(session, name)
@@ -119,12 +120,7 @@ def status(name: Annotated[str, typer.Argument(help="The focalloop project.")]) 
             .where(Item.project_id == project.id, col(Item.label_issue).is_not(None))
             .limit(20)
         ).all()
-        rejected = session.exec(
-            select(InboxEvent.id, InboxEvent.error)
-            .where(InboxEvent.project_id == project.id, col(InboxEvent.error).is_not(None))
-            .order_by(col(InboxEvent.id).desc())
-            .limit(10)
-        ).all()
+        rejected = rejected_events(session, project, newest=10)
     console.print(
         f"{name}: Label Studio project {link.project_id} at {link.url}; "
         f"last sync {link.last_sync_at or 'never'}"
@@ -135,8 +131,8 @@ def status(name: Annotated[str, typer.Argument(help="The focalloop project.")]) 
     console.print(table)
     for external_id, issue in flagged:
         console.print(f"flagged {external_id}: {issue}")
-    for event_id, error in rejected:
-        console.print(f"rejected event {event_id}: {error}")
+    for event in rejected:
+        console.print(f"rejected event {event.event_id} ({event.received_at:%F %T}): {event.error}")
 
 
 def api(

@@ -21,6 +21,7 @@ from services.api.app import create_app
 from services.config import Settings
 from services.models import Annotation, InboxEvent, Item, ItemStatus, LabelTask, LabelTaskState
 from services.projects import get_project
+from services.status import queue_status
 from tests.conftest import Digits
 from tests.integration.conftest import free_port
 from tests.integration.cycle_helpers import make_digits_project
@@ -199,8 +200,12 @@ def test_events_that_fail_at_ingest_are_quarantined_and_the_others_flow(
                 InboxEvent.project_id == project_id, col(InboxEvent.error).is_not(None)
             )
         ).all()
+        queue = queue_status(session, get_project(session, project.name))
     assert (labeled, stored, len(errors)) == (8, 8, 5)
     reasons = sorted(str(error) for error in errors)
+    # What an operator sees in `/queue` (and `labelstudio status`): the count and each reason.
+    assert queue.rejected_events == 5
+    assert sorted(r.error for r in queue.recent_rejections) == reasons
     assert all(len(reason) < 4000 for reason in reasons)
     assert [reason.split()[0] for reason in reasons] == [
         "a",  # a choices region whose value is not {'choices': [...]}

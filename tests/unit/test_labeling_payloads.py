@@ -161,7 +161,10 @@ def test_parse_annotation_label_cancel_and_errors() -> None:
         ({"result": {"choices": ["a"]}}, "not a list"),
         ({"result": ["a"]}, "not an object"),
         ({"result": [{"from_name": "label", "type": "choices", "value": ["a"]}]}, "choices"),
-        ({"result": [{"from_name": "label", "type": "choices", "value": {"choices": [1]}}]}, ""),
+        (
+            {"result": [{"from_name": "label", "type": "choices", "value": {"choices": [1]}}]},
+            "choices",
+        ),
     ],
 )
 def test_what_label_studio_never_sends_is_invalid_input(

@@ -12,6 +12,7 @@ from services.api.schemas import (
     AnnotatorPublic,
     QueuedTaskPublic,
     QueuePublic,
+    RejectedEventPublic,
 )
 from services.projects import get_project
 from services.status import queue_status
@@ -27,7 +28,8 @@ def queue(
     hardest: Annotated[int, Query(ge=0, le=500, description="How many open tasks to list.")] = 20,
 ) -> QueuePublic:
     """Items selected and queued, open label tasks (hardest first), label-noise reviews
-    pending, labels since the last dataset version, annotator throughput and agreement."""
+    pending, labels since the last dataset version, annotator throughput and agreement, and
+    the labeling-tool events ingest set aside with their reasons."""
     status = queue_status(session, get_project(session, project), hardest=hardest)
     return QueuePublic(
         selected=status.selected,
@@ -41,4 +43,9 @@ def queue(
         ],
         agreement=AgreementPublic.model_validate(status.agreement, from_attributes=True),
         hardest=[QueuedTaskPublic.model_validate(t, from_attributes=True) for t in status.hardest],
+        rejected_events=status.rejected_events,
+        recent_rejections=[
+            RejectedEventPublic.model_validate(r, from_attributes=True)
+            for r in status.recent_rejections
+        ],
     )
