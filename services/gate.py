@@ -11,9 +11,13 @@ from typing import Any
 
 from services.errors import InvalidInput
 from services.ml.metrics import EvaluationReport
-from services.models import Project, Promotion
+from services.models import MAX_INT32, Project, Promotion
 
 INSUFFICIENT = "promoted without evaluation: insufficient labels"
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -53,14 +57,16 @@ class GateConfig:
     def check(self, labels: list[str] | None) -> None:
         if not 0.0 <= self.eval_fraction <= 0.5:
             raise InvalidInput(f"eval_fraction must be in [0, 0.5], got {self.eval_fraction}")
-        if self.eval_cap < 0:
-            raise InvalidInput(f"eval_cap must be >= 0, got {self.eval_cap}")
+        if not (_whole(self.eval_cap) and 0 <= self.eval_cap <= MAX_INT32):
+            raise InvalidInput(f"eval_cap must be a whole number in [0, {MAX_INT32}]")
         if not 0.0 < self.eval_batch_share <= 1.0:
             raise InvalidInput(f"eval_batch_share must be in (0, 1], got {self.eval_batch_share}")
         if not 0.0 <= self.recall_tolerance <= 1.0:
             raise InvalidInput(f"recall_tolerance must be in [0, 1], got {self.recall_tolerance}")
-        if self.min_labels_per_class < 1:
-            raise InvalidInput("min_labels_per_class must be >= 1")
+        if not (_whole(self.min_labels_per_class) and 1 <= self.min_labels_per_class <= MAX_INT32):
+            raise InvalidInput(f"min_labels_per_class must be a whole number in [1, {MAX_INT32}]")
+        if not isinstance(self.recall_targets, dict):
+            raise InvalidInput("recall_targets must map class names to recalls")
         for label, target in self.recall_targets.items():
             if labels is not None and label not in labels:
                 raise InvalidInput(f"recall target for unknown class {label!r}")

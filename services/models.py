@@ -83,6 +83,10 @@ class CycleState(StrEnum):
     CANCELLED = "cancelled"
 
 
+# Ids and counts are 32-bit INTEGER columns on PostgreSQL: larger values are refused as input
+# before they reach a query, where they would fail as a database error.
+MAX_INT32 = 2**31 - 1
+
 FINAL_CYCLE_STATES = frozenset({CycleState.DONE, CycleState.FAILED, CycleState.CANCELLED})
 _RUNNING_ORDER = [
     CycleState.PENDING,

@@ -1,7 +1,7 @@
 """Projects: creation, lookup by name, settings, and the label set's add-only rule."""
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -9,11 +9,12 @@ import sqlalchemy as sa
 from sqlmodel import Session, col, func, select
 
 from services.config import Settings
+from services.cron import retrain_crontab
 from services.datasets.store import StoreUrl
 from services.errors import Conflict, InvalidInput, NotFound
 from services.gate import GateConfig
 from services.ml.train import LossSpec
-from services.models import Item, ItemStatus, Project, utcnow
+from services.models import MAX_INT32, Item, ItemStatus, Project, utcnow
 from services.recipe import default_recipe
 from services.selection.config import SelectionConfig
 
@@ -21,7 +22,6 @@ from services.selection.config import SelectionConfig
 # and ending with a letter or digit so the name is also a safe store key segment.
 _SLUG = re.compile(r"[a-z0-9][a-z0-9-]{1,38}[a-z0-9]")
 _LABEL = re.compile(r"[^\x00-\x1f,]{1,200}")
-_CRON_FIELD = re.compile(r"[0-9*/,\-A-Za-z]+")
 Modality = Literal["features", "image"]
 
 
@@ -53,13 +53,10 @@ def check_labels(labels: Sequence[str]) -> list[str]:
 
 
 def check_cron(expression: str) -> str:
-    """A five-field cron expression (minute hour day-of-month month day-of-week)."""
-    fields = expression.split()
-    if len(fields) != 5 or not all(_CRON_FIELD.fullmatch(part) for part in fields):
-        raise InvalidInput(
-            f"invalid cron expression {expression!r}: five fields, e.g. '0 */6 * * *'"
-        )
-    return " ".join(fields)
+    """A five-field cron expression (minute hour day-of-month month day-of-week) that beat can
+    evaluate, normalized to single spaces."""
+    retrain_crontab(expression)
+    return " ".join(expression.split())
 
 
 @dataclass(frozen=True)
@@ -82,10 +79,22 @@ class ProjectSpec:
     seed: int = 0
 
 
+MAX_BATCH = 100_000
+# Settings that may be unset (None means: no budget, no cron); the others always have a value.
+CLEARABLE = frozenset({"label_budget", "retrain_cron"})
+
+
+def check_count(name: str, value: int, *, high: int = MAX_INT32) -> int:
+    """A whole-number setting in [1, high]; InvalidInput naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise InvalidInput(f"{name} must be a whole number in [1, {high}], got {value!r}")
+    return value
+
+
 def check_seed(seed: int) -> int:
     """A project seed: every random choice of its cycles derives from it."""
-    if not 0 <= seed < 2**31:
-        raise InvalidInput(f"seed must be in [0, 2**31), got {seed}")
+    if not 0 <= seed <= MAX_INT32:
+        raise InvalidInput(f"seed must be in [0, {MAX_INT32}], got {seed}")
     return seed
 
 
@@ -115,12 +124,10 @@ def create_project(session: Session, spec: ProjectSpec) -> Project:
             raise InvalidInput(f"image_size must be in [8, 1024] pixels, got {spec.image_size}")
         if spec.image_channels not in (1, 3):
             raise InvalidInput(f"image_channels must be 1 or 3, got {spec.image_channels}")
-    if spec.batch_size < 1:
-        raise InvalidInput(f"batch_size must be >= 1, got {spec.batch_size}")
-    if spec.label_budget is not None and spec.label_budget < 1:
-        raise InvalidInput(f"label_budget must be >= 1 or unset, got {spec.label_budget}")
-    if spec.retrain_min_new_labels < 1:
-        raise InvalidInput("retrain_min_new_labels must be >= 1")
+    check_count("batch_size", spec.batch_size, high=MAX_BATCH)
+    if spec.label_budget is not None:
+        check_count("label_budget", spec.label_budget)
+    check_count("retrain_min_new_labels", spec.retrain_min_new_labels)
     selection = SelectionConfig.from_dict(spec.selection or {}).to_dict()
     if session.exec(select(Project.id).where(Project.name == spec.name)).first() is not None:
         raise Conflict(f"project {spec.name!r} already exists")
@@ -257,27 +264,36 @@ def update_project(
     selection: dict[str, Any] | None = None,
     gate: dict[str, Any] | None = None,
     seed: int | None = None,
+    clear: Collection[str] = (),
 ) -> Project:
-    """Change a project's settings; arguments left None stay as they are. The label set may
-    only grow (see `extend_labels`). `loss`, `selection` and `gate` are merged into the current
-    settings (keys given replace those keys) and checked as a whole."""
+    """Change a project's settings; arguments left None stay as they are, and the CLEARABLE
+    settings named in `clear` are unset. The label set may only grow (see `extend_labels`).
+    `loss`, `selection` and `gate` are merged into the current settings (keys given replace
+    those keys) and checked as a whole."""
+    unknown = set(clear) - CLEARABLE
+    if unknown:
+        raise InvalidInput(f"only {sorted(CLEARABLE)} can be unset, not {sorted(unknown)}")
+    if ("label_budget" in clear and label_budget is not None) or (
+        "retrain_cron" in clear and retrain_cron is not None
+    ):
+        raise InvalidInput("a setting cannot be both given and unset")
     if labels is not None:
         extend_labels(session, name, labels)
     project = get_project(session, name, for_update=True)
     if batch_size is not None:
-        if batch_size < 1:
-            raise InvalidInput(f"batch_size must be >= 1, got {batch_size}")
-        project.batch_size = batch_size
+        project.batch_size = check_count("batch_size", batch_size, high=MAX_BATCH)
     if label_budget is not None:
-        if label_budget < 1:
-            raise InvalidInput(f"label_budget must be >= 1, got {label_budget}")
-        project.label_budget = label_budget
+        project.label_budget = check_count("label_budget", label_budget)
     if retrain_min_new_labels is not None:
-        if retrain_min_new_labels < 1:
-            raise InvalidInput("retrain_min_new_labels must be >= 1")
-        project.retrain_min_new_labels = retrain_min_new_labels
+        project.retrain_min_new_labels = check_count(
+            "retrain_min_new_labels", retrain_min_new_labels
+        )
     if retrain_cron is not None:
         project.retrain_cron = check_cron(retrain_cron)
+    if "label_budget" in clear:
+        project.label_budget = None
+    if "retrain_cron" in clear:
+        project.retrain_cron = None
     if loss is not None:
         project.loss_config = _checked_loss({**project.loss_config, **loss}, len(project.labels))
     if selection is not None:

@@ -4,16 +4,24 @@ responses (`*Public`)."""
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 from services.models import (
+    MAX_INT32,
     Annotation,
     Cycle,
     DatasetVersion,
     Item,
     Project,
 )
-from services.projects import PoolCounts
+from services.projects import CLEARABLE, MAX_BATCH, PoolCounts
 from services.status import CycleView
 
 Name = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,38}[a-z0-9]$", description="3-40 a-z, 0-9, -")
@@ -77,9 +85,9 @@ class ProjectCreate(Strict):
     selection: dict[str, Any] | None = Field(
         default=None, description="strategy and wrappers (SelectionConfig)"
     )
-    batch_size: int = Field(default=50, ge=1, le=100_000)
-    label_budget: int | None = Field(default=None, ge=1)
-    retrain_min_new_labels: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=50, ge=1, le=MAX_BATCH)
+    label_budget: int | None = Field(default=None, ge=1, le=MAX_INT32)
+    retrain_min_new_labels: int = Field(default=100, ge=1, le=MAX_INT32)
     retrain_cron: Cron | None = None
     gate: dict[str, Any] | None = Field(
         default=None, description="Evaluation set and promotion gate (GateConfig)"
@@ -87,7 +95,7 @@ class ProjectCreate(Strict):
     seed: int = Field(
         default=0,
         ge=0,
-        le=2**31 - 1,
+        le=MAX_INT32,
         description="Every random choice of its cycles derives from it.",
     )
 
@@ -102,12 +110,28 @@ class ProjectUpdate(Strict):
     )
     loss: dict[str, Any] | None = None
     selection: dict[str, Any] | None = None
-    batch_size: int | None = Field(default=None, ge=1, le=100_000)
-    label_budget: int | None = Field(default=None, ge=1)
-    retrain_min_new_labels: int | None = Field(default=None, ge=1)
-    retrain_cron: Cron | None = None
+    batch_size: int | None = Field(default=None, ge=1, le=MAX_BATCH)
+    label_budget: int | None = Field(
+        default=None, ge=1, le=MAX_INT32, description="null: no budget."
+    )
+    retrain_min_new_labels: int | None = Field(default=None, ge=1, le=MAX_INT32)
+    retrain_cron: Cron | None = Field(default=None, description="null: no cron.")
     gate: dict[str, Any] | None = None
-    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    seed: int | None = Field(default=None, ge=0, le=MAX_INT32)
+
+    @model_validator(mode="after")
+    def _null_only_where_it_unsets(self) -> "ProjectUpdate":
+        nulls = {name for name in self.model_fields_set if getattr(self, name) is None}
+        if nulls - CLEARABLE:
+            raise ValueError(
+                f"{sorted(nulls - CLEARABLE)} cannot be null (leave a field out to keep it); "
+                f"only {sorted(CLEARABLE)} can be unset"
+            )
+        return self
+
+    def cleared(self) -> set[str]:
+        """The settings this update unsets (given as null)."""
+        return {name for name in self.model_fields_set & CLEARABLE if getattr(self, name) is None}
 
 
 class ProjectPublic(BaseModel):

@@ -122,6 +122,10 @@ def project_update(
     retrain_min_new_labels: Annotated[int | None, typer.Option()] = None,
     retrain_cron: Annotated[str | None, typer.Option()] = None,
     seed: Annotated[int | None, typer.Option(min=0)] = None,
+    unset: Annotated[
+        list[str] | None,
+        typer.Option(help="Remove a setting: label_budget or retrain_cron (repeatable)."),
+    ] = None,
 ) -> None:
     """Change a project's settings."""
     from services.db import session_scope
@@ -137,6 +141,7 @@ def project_update(
             retrain_min_new_labels=retrain_min_new_labels,
             retrain_cron=retrain_cron,
             seed=seed,
+            clear=unset or (),
         )
         console.print(f"updated project {project.name}: labels {', '.join(project.labels)}")
 

@@ -7,15 +7,15 @@ import logging
 from datetime import datetime
 
 import sqlalchemy as sa
-from celery.schedules import crontab
 from sqlmodel import Session, col, func, select
 
 from services.config import Settings
+from services.cron import retrain_crontab
 from services.cycle.budget import budget_spent, labels_after, labels_since_last_cycle
 from services.cycle.start import active_cycle, start_cycle
 from services.datasets.snapshot import committed_versions, get_version, snapshot
 from services.db import session_scope
-from services.errors import Conflict
+from services.errors import Conflict, InvalidInput
 from services.models import Annotation, Cycle, Item, Project, utcnow
 from services.projects import get_project, list_projects
 from services.promotion import newest_model
@@ -39,15 +39,12 @@ def labels_since_model(session: Session, project: Project) -> int:
 def cron_due(project: Project, last_start: datetime | None, now: datetime) -> bool:
     if not project.retrain_cron or last_start is None:
         return False
-    minute, hour, day_of_month, month, day_of_week = project.retrain_cron.split()
-    schedule = crontab(
-        minute=minute,
-        hour=hour,
-        day_of_month=day_of_month,
-        month_of_year=month,
-        day_of_week=day_of_week,
-        nowfun=lambda: now,
-    )
+    try:
+        schedule = retrain_crontab(project.retrain_cron, now=lambda: now)
+    except InvalidInput as error:
+        # Saved by a version that checked less: the project runs on its label threshold alone.
+        log.warning("project %s: retrain cron ignored: %s", project.name, error)
+        return False
     return bool(schedule.is_due(last_start).is_due)
 
 

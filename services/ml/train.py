@@ -27,6 +27,22 @@ DeviceChoice = Literal["auto", "cpu", "cuda"]
 AutocastChoice = Literal["auto", "bf16", "off"]
 
 
+MAX_GAMMA = 10.0
+MAX_ALPHA = 1000.0
+
+
+def _check_numbers(name: str, value: object, *, high: float) -> None:
+    """value (a number or a tuple of them) lies in [0, high]; ValueError naming `name`."""
+    numbers = value if isinstance(value, tuple) else (value,)
+    if not numbers:
+        raise ValueError(f"{name} needs at least one value")
+    for number in numbers:
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise ValueError(f"{name} must be numbers, got {number!r}")
+        if not 0.0 <= number <= high:
+            raise ValueError(f"{name} must be in [0, {high:g}], got {number!r}")
+
+
 @dataclass(frozen=True)
 class LossSpec:
     """The training objective, JSON-friendly.
@@ -42,6 +58,24 @@ class LossSpec:
     alpha: AlphaScheme | tuple[float, ...] | None = None
     beta: float = 0.999
     prior_bias: bool = False
+
+    def __post_init__(self) -> None:
+        # Bounds a project's settings must meet. Beyond MAX_GAMMA (1-p)^gamma underflows to 0
+        # for every p the model reaches, so training gets no gradient; beyond MAX_ALPHA a
+        # weighted float32 loss overflows.
+        if self.kind not in ("focal", "ce"):
+            raise ValueError(f"kind must be focal or ce, got {self.kind!r}")
+        _check_numbers("gamma", self.gamma, high=MAX_GAMMA)
+        if self.alpha is not None and not isinstance(self.alpha, str):
+            _check_numbers("alpha", self.alpha, high=MAX_ALPHA)
+            if not any(weight > 0 for weight in self.alpha):
+                raise ValueError("alpha needs a positive weight for some class")
+        if isinstance(self.beta, bool) or not isinstance(self.beta, int | float):
+            raise ValueError(f"beta must be a number, got {self.beta!r}")
+        if not 0.0 <= self.beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {self.beta}")
+        if not isinstance(self.prior_bias, bool):
+            raise ValueError(f"prior_bias must be true or false, got {self.prior_bias!r}")
 
     def build(self, class_counts: Sequence[int]) -> FocalLoss:
         gamma: float | tuple[float, ...] = 0.0 if self.kind == "ce" else self.gamma

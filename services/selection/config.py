@@ -13,6 +13,8 @@ from services.selection.candidates import Candidates
 from services.selection.cold_start import ColdStartMethod
 from services.selection.strategies import STRATEGIES
 
+MAX_OVERSAMPLE = 100
+
 
 @dataclass(frozen=True)
 class SelectionConfig:
@@ -38,8 +40,16 @@ class SelectionConfig:
             raise InvalidInput(
                 f"unknown strategy {self.strategy!r}; choose from {sorted(STRATEGIES)}"
             )
-        if self.oversample is not None and self.oversample < 1:
-            raise InvalidInput(f"oversample must be >= 1 or None, got {self.oversample}")
+        if self.oversample is not None and (
+            isinstance(self.oversample, bool)
+            or not isinstance(self.oversample, int)
+            or not 1 <= self.oversample <= MAX_OVERSAMPLE
+        ):
+            # Each chunk keeps batch x oversample candidates: the bound keeps that in memory.
+            raise InvalidInput(
+                f"oversample must be a whole number in [1, {MAX_OVERSAMPLE}] or null, "
+                f"got {self.oversample!r}"
+            )
         for name in ("quota_min_share", "rare_share", "explore_share"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:

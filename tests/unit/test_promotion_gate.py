@@ -129,7 +129,7 @@ def test_the_evaluation_set_size_follows_the_fraction_and_the_cap() -> None:
         ({"eval_fraction": 0.9}, "eval_fraction must be in [0, 0.5]"),
         ({"recall_tolerance": -0.1}, "recall_tolerance must be in [0, 1]"),
         ({"eval_batch_share": 0.0}, "eval_batch_share must be in (0, 1]"),
-        ({"min_labels_per_class": 0}, "min_labels_per_class must be >= 1"),
+        ({"min_labels_per_class": 0}, "min_labels_per_class must be a whole number in [1, "),
         ({"recall_targets": {"nine": 0.9}}, "recall target for unknown class 'nine'"),
         ({"recall_targets": {"eight": 1.5}}, "recall target of 'eight' must be in [0, 1]"),
         ({"tolerance": 0.1}, "unknown gate settings ['tolerance']"),

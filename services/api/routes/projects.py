@@ -89,7 +89,8 @@ def get(project: ProjectName, session: SessionDep, _: ReadDep) -> ProjectPublic:
 def update(
     project: ProjectName, body: ProjectUpdate, session: SessionDep, who: WriteDep
 ) -> ProjectPublic:
-    """Change settings; fields left out stay. loss/selection/gate merge into the current ones."""
+    """Change settings; fields left out stay, `label_budget` or `retrain_cron` given as null
+    are unset. loss/selection/gate merge into the current ones."""
     row = update_project(
         session,
         project,
@@ -102,6 +103,7 @@ def update(
         selection=body.selection,
         gate=body.gate,
         seed=body.seed,
+        clear=body.cleared(),
     )
     record(
         session,
@@ -109,7 +111,7 @@ def update(
         action="project.update",
         project_id=row.id,
         target=row.name,
-        detail=body.model_dump(exclude_none=True),
+        detail=body.model_dump(exclude_unset=True),
     )
     return ProjectPublic.of(row)
 
