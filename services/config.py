@@ -136,6 +136,16 @@ class Settings(BaseSettings):
             "webhook is refused."
         ),
     )
+    api_max_body_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Larger REST request bodies are refused with 413 before they are parsed.",
+    )
+    predict_max_body_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1024,
+        description="The same for predict, whose 1,000 feature rows may be wide.",
+    )
     webhook_max_body_bytes: int = Field(
         default=4 * 1024 * 1024,
         ge=1024,

@@ -18,6 +18,7 @@ from typing import Annotated
 
 import sqlalchemy as sa
 from fastapi import FastAPI, Header, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
@@ -25,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from labeling.label_studio.events import store_webhook, webhook_project_id
 from labeling.label_studio.media import check_media_signature
 from services import logs
-from services.api.bodies import json_object, read_capped
+from services.api.bodies import BodyLimit, json_object, read_capped, validation_problems
 from services.api.metrics import metrics_registry
 from services.api.routes import admin, cycles, datasets, models, operations, projects, queue
 from services.api.schemas import Problem
@@ -39,6 +40,7 @@ from services.models import Item, Project
 
 log = logging.getLogger(__name__)
 INGEST_TASK = task_name(Stage.INGEST)
+WEBHOOK_PATH = "/api/v1/webhooks/label-studio"
 
 
 class WebhookAnswer(BaseModel):
@@ -103,6 +105,15 @@ def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> FastAP
         lifespan=lifespan,
     )
     app.state.settings = settings
+
+    def body_limit(method: str, path: str) -> int | None:
+        if path == WEBHOOK_PATH:
+            return None  # capped by the route itself, which also counts what it refuses
+        if method == "POST" and path.endswith("/predict"):
+            return settings.predict_max_body_bytes
+        return settings.api_max_body_bytes
+
+    app.add_middleware(BodyLimit, limit_for=body_limit)
     app.state.engine = engine if engine is not None else engine_from_settings(settings)
     app.state.metrics, webhook_outcomes = metrics_registry(app.state.engine)
     celery = create_celery(settings)
@@ -123,7 +134,7 @@ def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> FastAP
     project_ids: dict[str, int] = {}  # webhook URL name -> id (projects are never renamed)
 
     @app.post(
-        "/api/v1/webhooks/label-studio",
+        WEBHOOK_PATH,
         response_model=WebhookAnswer,
         tags=["labeling"],
         responses={
@@ -216,6 +227,10 @@ def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> FastAP
         return Response(content=data, media_type=media_type)
 
     # Domain errors map to their HTTP codes here and only here; anything else is a 500.
+    @app.exception_handler(RequestValidationError)
+    async def malformed(_: Request, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": validation_problems(error.errors())}, status_code=422)
+
     @app.exception_handler(NotFound)
     async def not_found(_: Request, error: NotFound) -> JSONResponse:
         return JSONResponse({"detail": str(error)}, status_code=404)

@@ -66,7 +66,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: unknown fields are refused, and so are NaN and infinities, which
+    Python's JSON reader accepts but no model input or stored setting can mean."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ProjectCreate(Strict):
