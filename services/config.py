@@ -54,6 +54,11 @@ class Settings(BaseSettings):
         description="Logs of the api, worker and beat: JSON lines with project/cycle/task ids, "
         "or plain text for a terminal.",
     )
+    access_log: bool = Field(
+        default=False,
+        description="One log line per API request (query values redacted: tokens and media "
+        "signatures travel there).",
+    )
     database_url: str | None = Field(
         default=None,
         description=(

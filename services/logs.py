@@ -64,11 +64,32 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+class RedactQuery(logging.Filter):
+    """Blanks every query value of uvicorn's access lines: a token passed as `?token=` or a
+    media link's signature would otherwise be written to the logs in clear."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            path, _, query = args[2].partition("?")
+            if query:
+                keys = [pair.partition("=")[0] for pair in query.split("&")]
+                redacted = "&".join(f"{key}=..." for key in keys)
+                record.args = (*args[:2], f"{path}?{redacted}", *args[3:])
+        return True
+
+
 def configure(
-    level: str, *, fmt: Literal["json", "text"] = "json", path: Path | None = None
+    level: str,
+    *,
+    fmt: Literal["json", "text"] = "json",
+    path: Path | None = None,
+    access_log: bool = False,
 ) -> None:
     """Route every logger (ours, Celery's, uvicorn's) to stderr (or the file `path`, appended)
-    in `fmt` at `level`."""
+    in `fmt` at `level`. uvicorn's access lines only when `access_log`, query values redacted
+    (uvicorn writes them whenever its access logger reaches a handler, whatever its own
+    access_log flag said)."""
     handler: logging.Handler = (
         logging.FileHandler(path, encoding="utf-8") if path else logging.StreamHandler(sys.stderr)
     )
@@ -83,3 +104,7 @@ def configure(
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+    access = logging.getLogger("uvicorn.access")
+    access.filters[:] = [RedactQuery()]
+    # uvicorn decides per connection from hasHandlers(): no propagation, no lines at all.
+    access.propagate = access_log

@@ -260,5 +260,5 @@ def app_from_environment() -> FastAPI:
     from services.config import get_settings
 
     settings = get_settings()
-    logs.configure(settings.log_level, fmt=settings.log_format)
+    logs.configure(settings.log_level, fmt=settings.log_format, access_log=settings.access_log)
     return create_app(settings)

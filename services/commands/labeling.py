@@ -140,14 +140,25 @@ def api(
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 1,
     access_log: Annotated[
-        bool, typer.Option(help="Log every request (costs about 3% of the webhook path's CPU).")
-    ] = False,
+        bool | None,
+        typer.Option(
+            help="Log every request, query values redacted (costs about 3% of the webhook "
+            "path's CPU); default FOCALLOOP_ACCESS_LOG, off."
+        ),
+    ] = None,
 ) -> None:
     """Serve the HTTP API (webhooks, media links, status) with uvicorn."""
+    import os
+
     import uvicorn
 
     from services.config import get_settings
 
+    if access_log is not None:
+        # The app factory runs in each uvicorn worker process and reads the environment.
+        os.environ["FOCALLOOP_ACCESS_LOG"] = "true" if access_log else "false"
+        get_settings.cache_clear()
+    access_log = get_settings().access_log
     uvicorn.run(
         "services.api.app:app_from_environment",
         factory=True,
