@@ -21,7 +21,7 @@ from sqlmodel import Session, col, select
 from labeling.base import IngestReport, ReviewPolicy
 from services.config import Settings
 from services.datasets.store import open_store, safe_key, sha256_hex
-from services.db import session_scope
+from services.db import lock_for_write, session_scope
 from services.errors import Conflict, InvalidInput, NotFound
 from services.models import CycleSelection, InboxEvent, Item, ItemStatus, Project, utcnow
 from services.projects import get_project
@@ -156,6 +156,7 @@ class SimulatedLabeler:
         each in a savepoint of its own, so a bad event is recorded with its error and the
         others go on. An event already processed is a duplicate."""
         with session_scope(engine) as session:
+            lock_for_write(session)
             events = [
                 event
                 for event in session.exec(

@@ -13,6 +13,7 @@ from datetime import datetime
 from sqlmodel import Session, col, select
 
 from services.audit import record
+from services.db import lock_for_write
 from services.errors import InvalidInput, NotFound
 from services.models import SCOPE_ORDER, ApiToken, Project, TokenScope, utcnow
 from services.projects import get_project
@@ -142,6 +143,7 @@ def list_tokens(session: Session, *, include_revoked: bool = False) -> list[Toke
 def revoke_token(session: Session, token_id: int, *, actor: str) -> TokenView:
     """Revoke a token (kept for the record; it authenticates no more). Revoking twice is a
     no-op that writes nothing."""
+    lock_for_write(session)
     token = session.exec(select(ApiToken).where(ApiToken.id == token_id).with_for_update()).first()
     if token is None:
         raise NotFound(f"no token with id {token_id}")

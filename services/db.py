@@ -63,6 +63,23 @@ def make_engine(url: str, *, busy_timeout_ms: int = 15_000) -> sa.Engine:
     return engine
 
 
+def lock_for_write(session: Session) -> None:
+    """Make the session's transaction the database's writer from here on, so what it reads next
+    cannot change before it commits. PostgreSQL does this per row (`SELECT ... FOR UPDATE`);
+    SQLite ignores FOR UPDATE and, in Python's sqlite3, runs reads outside any transaction, so
+    a read-modify-write there would overwrite a change committed in between. Here an SQLite
+    session with no transaction open begins one with `BEGIN IMMEDIATE` (waiting up to the busy
+    timeout for the write lock); one already open has written, so it holds the lock already.
+    Only read-modify-write paths call this: a session holding the lock must not wait on a second
+    session of its own thread that writes."""
+    connection = session.connection()
+    if connection.dialect.name != "sqlite":
+        return
+    driver = connection.connection.driver_connection
+    if driver is not None and not driver.in_transaction:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 @contextmanager
 def session_scope(engine: sa.Engine) -> Iterator[Session]:
     """A session that commits when the block ends normally and rolls back when it raises."""

@@ -11,6 +11,7 @@ from sqlmodel import Session, col, func, select
 from services.config import Settings
 from services.cron import retrain_crontab
 from services.datasets.store import StoreUrl
+from services.db import lock_for_write
 from services.errors import Conflict, InvalidInput, NotFound
 from services.gate import GateConfig
 from services.ml.train import LossSpec
@@ -175,9 +176,13 @@ def api_store_url(settings: Settings, name: str, given: str | None) -> str:
 
 
 def get_project(session: Session, name: str, *, for_update: bool = False) -> Project:
+    """The project named `name`. for_update: read it under the write lock (row lock on
+    PostgreSQL, the database's on SQLite) and refresh a copy the session already holds, so a
+    change made from it cannot overwrite one committed meanwhile."""
     statement = select(Project).where(Project.name == name)
     if for_update:
-        statement = statement.with_for_update()
+        lock_for_write(session)
+        statement = statement.with_for_update().execution_options(populate_existing=True)
     project = session.exec(statement).first()
     if project is None:
         raise NotFound(f"no project named {name!r}")

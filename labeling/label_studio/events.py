@@ -19,7 +19,7 @@ from labeling.label_studio.payloads import (
     label_studio_id,
     parse_annotation,
 )
-from services.db import session_scope
+from services.db import lock_for_write, session_scope
 from services.errors import FocalloopError, InvalidInput, NotFound
 from services.models import (
     Annotation,
@@ -359,6 +359,7 @@ def ingest_pending(engine: sa.Engine, *, batch: int = INGEST_BATCH) -> IngestTot
     totals = IngestTotals()
     for _ in range(INGEST_MAX_BATCHES):
         with session_scope(engine) as session:
+            lock_for_write(session)  # SQLite: one ingest at a time, as SKIP LOCKED gives PG
             events = list(
                 session.exec(
                     select(InboxEvent)
