@@ -55,7 +55,8 @@ def main() -> None:
     try:
         app()
     except (FocalloopError, ValueError, FileExistsError, FileNotFoundError) as error:
-        errors.print(f"[bold red]error:[/] {error}", highlight=False)
+        # One line whatever the width: scripts and logs grep it.
+        errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
 
 

@@ -435,13 +435,15 @@ def create_cycle(session: Session, *, project_id: int, trigger: str) -> Cycle:
             session.add(cycle)
     except sa.exc.IntegrityError:
         active = session.exec(
-            select(Cycle.id).where(
+            select(Cycle.id, Cycle.state).where(
                 Cycle.project_id == project_id,
                 col(Cycle.state).not_in([str(s) for s in FINAL_CYCLE_STATES]),
             )
         ).first()
+        name = session.exec(select(Project.name).where(Project.id == project_id)).first()
+        active_id, active_state = active if active is not None else (None, "unknown")
         raise Conflict(
-            f"project {project_id} already has an active cycle (id {active}); "
+            f"project {name!r} already has an active cycle (id {active_id}, {active_state}); "
             "wait for it or cancel it"
         ) from None
     return cycle

@@ -88,18 +88,19 @@ def beat(
 
 @cycle_app.command("start")
 def cycle_start(name: str) -> None:
-    """Start a cycle now (on the newest dataset version) and enqueue its training."""
+    """Start a cycle now (on the newest dataset version) and enqueue its training on the
+    broker FOCALLOOP_BROKER_URL names (checked first: when it is unreachable nothing starts)."""
     from services.config import get_settings
-    from services.cycle.start import start_cycle
-    from services.db import session_scope
-    from workers.tasks import train
+    from workers.app import create_app
+    from workers.enqueue import broker_location, start_and_enqueue
 
     settings = get_settings()
-    with session_scope(engine_for(settings)) as session:
-        cycle = start_cycle(session, name, trigger="cli", settings=settings)
-        cycle_id = cycle.id or 0
-    train.delay(cycle_id)
-    console.print(f"started cycle {cycle_id} of {name} (dataset v{cycle.dataset_version})")
+    celery = create_app(settings)
+    cycle = start_and_enqueue(engine_for(settings), settings, celery, name, trigger="cli")
+    console.print(
+        f"started cycle {cycle.id} of {name} (dataset v{cycle.dataset_version}); training "
+        f"queued on {broker_location(celery)}"
+    )
 
 
 @cycle_app.command("status")

@@ -361,8 +361,16 @@ def test_at_most_one_active_cycle_per_project_is_enforced_by_the_database(
         insert_row(engine, Cycle(project_id=project_id, number=2, trigger="race"))
     with pytest.raises(sa.exc.IntegrityError):
         insert_row(engine, Cycle(project_id=project_id, number=1, trigger="copy", state="done"))
-    with db.session_scope(engine) as session, pytest.raises(Conflict, match="active cycle"):
+    with db.session_scope(engine) as session, pytest.raises(Conflict) as refused:
         create_cycle(session, project_id=project_id, trigger="beat")
+    # The project by its name, the blocking cycle by id and state: what to cancel, and where.
+    name = refused.value.args[0].split("'")[1]
+    assert str(refused.value) == (
+        f"project '{name}' already has an active cycle (id {first.id}, pending); "
+        "wait for it or cancel it"
+    )
+    with db.session_scope(engine) as session:
+        assert session.get(Project, project_id).name == name  # type: ignore[union-attr]
     with db.session_scope(engine) as session:
         with pytest.raises(InvalidInput, match="needs a reason"):
             transition_cycle(session, first.id or 0, CycleState.FAILED)

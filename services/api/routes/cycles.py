@@ -1,25 +1,23 @@
 """Cycles: list, get, start, cancel."""
 
-import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, status
+from sqlmodel import Session
 
 from services.api.deps import EngineDep, ReadDep, SessionDep, SettingsDep, WriteDep
 from services.api.routes.projects import ProjectName
 from services.api.schemas import ERRORS, CyclePublic
 from services.audit import record
-from services.cycle.flow import Stage, task_name
-from services.cycle.start import cancel_cycle, start_cycle
+from services.cycle.start import cancel_cycle
 from services.db import session_scope
 from services.errors import Conflict
-from services.models import FINAL_CYCLE_STATES
+from services.models import FINAL_CYCLE_STATES, Cycle
 from services.projects import get_project
 from services.status import cycle_view, get_cycle, list_cycles
+from workers.enqueue import start_and_enqueue
 
 router = APIRouter(prefix="/api/v1/projects/{project}/cycles", tags=["cycles"], responses=ERRORS)
-log = logging.getLogger(__name__)
-TRAIN_TASK = task_name(Stage.TRAIN)
 CycleId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
@@ -51,15 +49,19 @@ def get(project: ProjectName, cycle_id: CycleId, session: SessionDep, _: ReadDep
     "",
     response_model=CyclePublic,
     status_code=status.HTTP_202_ACCEPTED,
-    responses={409: {"description": "the project already has an active cycle"}},
+    responses={
+        409: {"description": "the project already has an active cycle"},
+        503: {"description": "the broker cannot take the training message; nothing started"},
+    },
 )
 def start(
     request: Request, project: ProjectName, engine: EngineDep, settings: SettingsDep, who: WriteDep
 ) -> CyclePublic:
     """Start a cycle now on the newest dataset version and enqueue its training. Refused for a
-    paused project or a spent budget (422) and while another cycle is active (409)."""
-    with session_scope(engine) as session:
-        cycle = start_cycle(session, project, trigger=f"api ({who.actor})", settings=settings)
+    paused project or a spent budget (422), while another cycle is active (409), and when the
+    broker cannot take the training message (503: nothing is left pending)."""
+
+    def audit(session: Session, cycle: Cycle) -> None:
         record(
             session,
             actor=who.actor,
@@ -67,15 +69,18 @@ def start(
             project_id=cycle.project_id,
             target=f"cycle:{cycle.id}",
         )
-        cycle_id = cycle.id or 0
-    try:
-        request.app.state.celery.send_task(TRAIN_TASK, args=[cycle_id], queue="gpu", retry=False)
-    except Exception:
-        # The cycle is committed as pending; recover_stalled enqueues its training later.
-        log.warning("could not enqueue training of cycle %d; recovery will", cycle_id)
+
+    cycle = start_and_enqueue(
+        engine,
+        settings,
+        request.app.state.celery,
+        project,
+        trigger=f"api ({who.actor})",
+        also=audit,
+    )
     with session_scope(engine) as session:
         return CyclePublic.of(
-            cycle_view(session, get_cycle(session, get_project(session, project), cycle_id))
+            cycle_view(session, get_cycle(session, get_project(session, project), cycle.id or 0))
         )
 
 
