@@ -1,7 +1,6 @@
 """`focalloop token ...` and `focalloop model ...`: API tokens and model promotion from the
 command line (the person at the terminal acts as `cli:<user>` in the audit log)."""
 
-import getpass
 import json
 from datetime import datetime
 from typing import Annotated
@@ -10,16 +9,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.commands.audited import cli_actor
 from services.commands.state import engine_for
 from services.errors import InvalidInput
 
 token_app = typer.Typer(help="API tokens (read, write, admin).", no_args_is_help=True)
 model_app = typer.Typer(help="A project's models: list, promote, roll back.", no_args_is_help=True)
 console = Console()
-
-
-def cli_actor() -> str:
-    return f"cli:{getpass.getuser()}"
 
 
 @token_app.command("create")

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.commands.audited import audit_cli, cli_actor
 from services.commands.state import engine_for, project_app
 from services.errors import InvalidInput
 
@@ -96,7 +97,16 @@ def cycle_start(name: str) -> None:
 
     settings = get_settings()
     celery = create_app(settings)
-    cycle = start_and_enqueue(engine_for(settings), settings, celery, name, trigger="cli")
+    cycle = start_and_enqueue(
+        engine_for(settings),
+        settings,
+        celery,
+        name,
+        trigger=cli_actor(),
+        also=lambda session, cycle: audit_cli(
+            session, "cycle.start", name, target=f"cycle:{cycle.id}"
+        ),
+    )
     console.print(
         f"started cycle {cycle.id} of {name} (dataset v{cycle.dataset_version}); training "
         f"queued on {broker_location(celery)}"
@@ -152,6 +162,7 @@ def cycle_cancel(name: str) -> None:
 
     with session_scope(engine_for()) as session:
         cycle = cancel_cycle(session, name)
+        audit_cli(session, "cycle.cancel", name, target=f"cycle:{cycle.id}")
         console.print(f"cycle {cycle.id} of {name}: {cycle.state} (cancel requested)")
 
 
@@ -163,6 +174,7 @@ def project_pause(name: str) -> None:
 
     with session_scope(engine_for()) as session:
         set_paused(session, name, paused=True)
+        audit_cli(session, "project.pause", name)
     console.print(f"project {name} paused")
 
 
@@ -174,6 +186,7 @@ def project_resume(name: str) -> None:
 
     with session_scope(engine_for()) as session:
         set_paused(session, name, paused=False)
+        audit_cli(session, "project.resume", name)
     console.print(f"project {name} resumed")
 
 
@@ -211,5 +224,11 @@ def project_labeler(
             settings,
             annotator=annotator,
             noise=noise,
+        )
+        audit_cli(
+            session,
+            "project.labeler",
+            name,
+            detail={"kind": "simulated", "truth": str(simulated_truth), "noise": noise},
         )
     console.print(f"project {name}: hand-offs answered by a simulated annotator ({annotator})")

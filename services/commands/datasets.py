@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.commands.audited import audit_cli
 from services.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -117,6 +118,7 @@ def snapshot_command(
     with session_scope(engine_from_settings(settings)) as session:
         project = get_project(session, name)
         row = snapshot(session, project, settings=settings)
+        audit_cli(session, "dataset.snapshot", name, target=f"dataset:v{row.version}")
         console.print(
             f"committed {project.name} v{row.version}: {row.row_count} labeled items "
             f"(parent {row.parent_version}) in {project.store_url}"

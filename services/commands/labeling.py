@@ -7,6 +7,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.commands.audited import audit_cli
 from services.commands.state import engine_for
 
 labelstudio_app = typer.Typer(
@@ -64,6 +65,12 @@ def connect(
                 DEFAULT_REVIEWS_PER_CYCLE if reviews_per_cycle is None else reviews_per_cycle
             ),
         )
+        audit_cli(
+            session,
+            "labelstudio.connect",
+            name,
+            detail={"url": url, "label_studio_project": link.project_id, "media": media},
+        )
     console.print(
         f"{name}: Label Studio project {link.project_id} at {link.url}/projects/{link.project_id} "
         f"(webhook {link.webhook_id} -> {webhook_url(settings, name)}, "
@@ -76,9 +83,18 @@ def sync(name: Annotated[str, typer.Argument(help="The focalloop project.")]) ->
     """Reconcile every answer with Label Studio now (beat does this on a schedule)."""
     from labeling.label_studio.sync import sync_annotations
     from services.config import get_settings
+    from services.db import session_scope
 
     settings = get_settings()
-    report = sync_annotations(engine_for(settings), name, settings)
+    engine = engine_for(settings)
+    report = sync_annotations(engine, name, settings)
+    with session_scope(engine) as session:
+        audit_cli(
+            session,
+            "labelstudio.sync",
+            name,
+            detail={"taken_in": report.new_revisions, "withdrawn": report.withdrawn},
+        )
     console.print(
         f"{name}: {report.tasks_seen} tasks, {report.new_revisions} answers taken in, "
         f"{report.withdrawn} withdrawn, {report.rejected} rejected"
@@ -90,9 +106,13 @@ def push(name: Annotated[str, typer.Argument(help="The focalloop project.")]) ->
     """Create the project's pending tasks in Label Studio now (what a hand-off does)."""
     from labeling.label_studio.tasks import push_pending
     from services.config import get_settings
+    from services.db import session_scope
 
     settings = get_settings()
-    report = push_pending(engine_for(settings), name, settings)
+    engine = engine_for(settings)
+    report = push_pending(engine, name, settings)
+    with session_scope(engine) as session:
+        audit_cli(session, "labelstudio.push", name, detail={"created": report.created})
     console.print(f"{name}: {report.created} tasks created, {report.adopted} found already there")
 
 

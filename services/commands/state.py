@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.commands.audited import audit_cli
 from services.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -108,6 +109,7 @@ def project_create(
     )
     with session_scope(engine_for()) as session:
         project = create_project(session, spec)
+        audit_cli(session, "project.create", project.name)
         console.print(f"created project {project.name} ({len(project.labels)} classes)")
 
 
@@ -143,6 +145,16 @@ def project_update(
             seed=seed,
             clear=unset or (),
         )
+        changes = {
+            "labels": _split(labels) if labels is not None else None,
+            "batch_size": batch_size,
+            "label_budget": label_budget,
+            "retrain_min_new_labels": retrain_min_new_labels,
+            "retrain_cron": retrain_cron,
+            "seed": seed,
+        }
+        detail = {key: value for key, value in changes.items() if value is not None}
+        audit_cli(session, "project.update", name, detail=detail | dict.fromkeys(unset or ()))
         console.print(f"updated project {project.name}: labels {', '.join(project.labels)}")
 
 
@@ -224,6 +236,13 @@ def pool_add(
     with session_scope(engine_for(settings)) as session:
         project = get_project(session, name, for_update=True)
         report = add_to_pool(session, project, source, settings=settings, trusted_roots=trusted)
+        audit_cli(
+            session,
+            "pool.add",
+            name,
+            target=source,
+            detail={"added": report.added, "duplicates": report.duplicates},
+        )
     console.print(
         f"{report.source}: {report.seen} seen, {report.added} added "
         f"({report.seed_labels} with seed labels, {report.unreadable} unreadable), "
