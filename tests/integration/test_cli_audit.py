@@ -143,7 +143,7 @@ def test_each_audited_command_records_who_did_what(
     run("token", "revoke", token_id)
 
     with db.session_scope(engine) as session:
-        entries = session.exec(select(AuditEntry).order_by(AuditEntry.id)).all()
+        entries = session.exec(select(AuditEntry).order_by(sa.column("id"))).all()
         log = [(entry.actor, entry.action, entry.target, entry.detail) for entry in entries]
     actor = f"cli:{getpass.getuser()}"
     assert {who for who, *_ in log} == {actor}, log
