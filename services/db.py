@@ -15,6 +15,8 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
 
 from services.config import Settings
@@ -78,6 +80,13 @@ def lock_for_write(session: Session) -> None:
     driver = connection.connection.driver_connection
     if driver is not None and not driver.in_transaction:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def insert_unless_present(dialect: str, table: Any, keys: list[str]) -> Any:
+    """An INSERT into `table` that inserts nothing where a row with the same `keys` (a unique
+    constraint) exists, without a savepoint: ON CONFLICT DO NOTHING on both backends."""
+    insert = postgresql_insert(table) if dialect == "postgresql" else sqlite_insert(table)
+    return insert.on_conflict_do_nothing(index_elements=keys)
 
 
 @contextmanager

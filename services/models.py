@@ -249,6 +249,30 @@ class Annotation(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 
+class AnnotationTombstone(SQLModel, table=True):
+    """A deleted external annotation: any revision of it arriving later is a no-op (Label
+    Studio never reuses an annotation id)."""
+
+    __table_args__ = (
+        sa.UniqueConstraint("project_id", "source", "external_id", name="uq_annotation_tombstone"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    project_id: int = Field(foreign_key="project.id")
+    source: str = Field(max_length=40)
+    external_id: str = Field(max_length=200)
+    deleted_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class WorkerHeartbeat(SQLModel, table=True):
+    """A consuming worker's sign of life (what `/ready` reads), written by its event loop."""
+
+    name: str = Field(primary_key=True, max_length=200, description="Celery's node name.")
+    queues: str = Field(max_length=400, description="The queues it consumes, comma separated.")
+    pid: int
+    beat_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
 class DatasetVersion(SQLModel, table=True):
     """A dataset version's number (allocated here, unique per project) and its commit record.
     The manifest in the store is the data's truth; this row is the index and the allocator."""
@@ -312,6 +336,8 @@ class Cycle(SQLModel, table=True):
     dataset_version: int | None = Field(default=None)
     model_version: int | None = Field(default=None)
     failure_reason: str | None = Field(default=None, max_length=4000)
+    last_error: str | None = Field(default=None, max_length=4000, description="Newest, kept.")
+    last_error_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     cancel_requested: bool = Field(default=False)
     train_attempts: int = Field(default=0)
     selected_count: int | None = Field(default=None)

@@ -15,12 +15,14 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlmodel import Session, col, func, select
 
+from services.db import insert_unless_present
 from services.errors import Conflict, IllegalTransition, InvalidInput, NotFound
 from services.models import (
     CYCLE_TRANSITIONS,
     FINAL_CYCLE_STATES,
     ITEM_TRANSITIONS,
     Annotation,
+    AnnotationTombstone,
     Cycle,
     CycleState,
     Item,
@@ -211,11 +213,14 @@ def record_annotations(
                 )
             )
         )
+    deleted = tombstoned(session, [p for p in labels if p is not None], external_ids)
     rows: list[Annotation | None] = []
     for answer in answers:
         project_id = items[answer.item_id][0]
         key = (project_id, answer.source, answer.external_id, answer.updated_at.astimezone(UTC))
-        if key in seen:
+        if key in seen or (project_id, answer.source, answer.external_id) in deleted:
+            # A revision of a deleted annotation arrived late (or before its own delete was
+            # applied, in a reordered batch): the deletion wins, whatever the revision's stamp.
             rows.append(None)
             continue
         seen.add(key)
@@ -252,6 +257,28 @@ def record_annotations(
     return rows
 
 
+def tombstoned(
+    session: Session, project_ids: Sequence[int], external_ids: Sequence[str]
+) -> set[tuple[int, str, str]]:
+    """(project, source, external id) of the deleted annotations among `external_ids`."""
+    found: set[tuple[int, str, str]] = set()
+    for chunk in _chunks(sorted(set(external_ids))):
+        found.update(
+            (project_id, source, external_id)
+            for project_id, source, external_id in session.execute(
+                sa.select(
+                    col(AnnotationTombstone.project_id),
+                    col(AnnotationTombstone.source),
+                    col(AnnotationTombstone.external_id),
+                ).where(
+                    col(AnnotationTombstone.project_id).in_(list(project_ids)),
+                    col(AnnotationTombstone.external_id).in_(chunk),
+                )
+            )
+        )
+    return found
+
+
 def withdraw_annotation(session: Session, *, project_id: int, source: str, external_id: str) -> int:
     """Mark every revision of an external annotation withdrawn (its label stops counting) and
     refresh the items' labels. Returns the revisions newly withdrawn (0 on a repeat)."""
@@ -263,10 +290,30 @@ def withdraw_annotation(session: Session, *, project_id: int, source: str, exter
 def withdraw_annotations(
     session: Session, *, project_id: int, source: str, external_ids: Sequence[str]
 ) -> int:
-    """`withdraw_annotation` for many external ids in a fixed number of statements."""
+    """`withdraw_annotation` for many external ids in a fixed number of statements. Each id is
+    also tombstoned, so a revision of it that arrives later, or a delete that arrives before its
+    create, leaves no label behind."""
     item_ids: set[int] = set()
     withdrawn = 0
     now = utcnow()
+    if external_ids:
+        insert = insert_unless_present(
+            session.get_bind().dialect.name,
+            AnnotationTombstone,
+            ["project_id", "source", "external_id"],
+        )
+        session.execute(
+            insert,
+            [
+                {
+                    "project_id": project_id,
+                    "source": source,
+                    "external_id": external_id,
+                    "deleted_at": now,
+                }
+                for external_id in sorted(set(external_ids))
+            ],
+        )
     for chunk in _chunks(sorted(set(external_ids))):
         condition = sa.and_(
             col(Annotation.project_id) == project_id,

@@ -9,8 +9,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
 
 from labeling.label_studio.link import SOURCE
@@ -19,7 +17,7 @@ from labeling.label_studio.payloads import (
     label_studio_id,
     parse_annotation,
 )
-from services.db import lock_for_write, session_scope
+from services.db import insert_unless_present, lock_for_write, session_scope
 from services.errors import FocalloopError, InvalidInput, NotFound
 from services.models import (
     Annotation,
@@ -34,6 +32,7 @@ from services.models import (
 from services.state import (
     AnnotationInput,
     record_annotations,
+    tombstoned,
     transition_items,
     withdraw_annotations,
 )
@@ -98,17 +97,9 @@ def store_webhook(
         "processed_at": None,
         "error": None,
     }
-    insert = (
-        postgresql_insert(InboxEvent)
-        if connection.dialect.name == "postgresql"
-        else sqlite_insert(InboxEvent)
-    )
-    # The unique (source, event_key) makes a redelivery insert nothing, without a savepoint.
-    event_id = connection.execute(
-        insert.values(**values)
-        .on_conflict_do_nothing(index_elements=["source", "event_key"])
-        .returning(col(InboxEvent.id))
-    ).scalar()
+    # The unique (source, event_key) makes a redelivery insert nothing.
+    insert = insert_unless_present(connection.dialect.name, InboxEvent, ["source", "event_key"])
+    event_id = connection.execute(insert.values(**values).returning(col(InboxEvent.id))).scalar()
     if event_id is None:
         return None, "duplicate"
     return int(event_id), "stored"
@@ -297,6 +288,9 @@ def apply_events(session: Session, events: Sequence[InboxEvent]) -> dict[int, Ev
                 )
             )
         }
+        # A delete that arrives before its annotation leaves a tombstone: news too.
+        already = tombstoned(session, [project_id], [a for _, a in pairs])
+        new = withdrawn_before | {a for _, a in pairs if (project_id, SOURCE, a) not in already}
         withdraw_annotations(
             session,
             project_id=project_id,
@@ -304,9 +298,9 @@ def apply_events(session: Session, events: Sequence[InboxEvent]) -> dict[int, Ev
             external_ids=[a for _, a in pairs],
         )
         for event_id, annotation_id in pairs:
-            if annotation_id in withdrawn_before:
+            if annotation_id in new:
                 outcomes[event_id].stored += 1
-                withdrawn_before.discard(annotation_id)
+                new.discard(annotation_id)
             else:
                 outcomes[event_id].duplicates += 1
     session.flush()
