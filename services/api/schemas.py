@@ -279,6 +279,12 @@ class CyclePublic(BaseModel):
     dataset_version: int | None
     model_version: int | None = Field(description="The model that scored this cycle's pool.")
     failure_reason: str | None
+    last_error: str | None = Field(
+        description="The newest error a stage raised (with its stage and attempt), also while "
+        "it is being retried; kept after a retry succeeds."
+    )
+    last_error_at: datetime | None
+    train_attempts: int = Field(description="Training attempts claimed so far.")
     cancel_requested: bool
     chunks_total: int | None
     chunks_done: int
@@ -303,6 +309,9 @@ class CyclePublic(BaseModel):
             dataset_version=cycle.dataset_version,
             model_version=cycle.model_version,
             failure_reason=cycle.failure_reason,
+            last_error=cycle.last_error,
+            last_error_at=cycle.last_error_at,
+            train_attempts=cycle.train_attempts,
             cancel_requested=cycle.cancel_requested,
             chunks_total=cycle.chunks_total,
             chunks_done=cycle.chunks_done,

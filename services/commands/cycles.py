@@ -2,7 +2,7 @@
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -149,9 +149,20 @@ def cycle_status(
             f"m{summary['model_version']}" if summary["model_version"] else "-",
             str(summary["chunks"] or "-"),
             str(summary["selected"] if summary["selected"] is not None else "-"),
-            str(summary["failure_reason"] or ""),
+            _reason(summary),
         )
     console.print(table)
+
+
+def _reason(summary: dict[str, Any]) -> str:
+    """Why a cycle failed; or, while it runs, the error it is recovering from."""
+    from services.models import FINAL_CYCLE_STATES
+
+    if summary["failure_reason"]:
+        return str(summary["failure_reason"])
+    if summary["last_error"] and summary["state"] not in FINAL_CYCLE_STATES:
+        return f"retrying after {summary['last_error']} (at {summary['last_error_at']})"
+    return ""
 
 
 @cycle_app.command("cancel")

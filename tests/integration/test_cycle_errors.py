@@ -1,0 +1,63 @@
+"""A cycle whose stage keeps failing says why while it is retried. Before, a training retrying on
+a file-system error showed `training` with no reason in `cycle status` and the API; the error
+was only in the worker's log."""
+
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from services import db
+from services.api.app import create_app
+from services.config import Settings
+from services.cycle.flow import Stage, Step
+from services.cycle.stages import run_step
+from services.cycle.start import start_cycle
+from services.cycle.trigger import maybe_start_cycle
+from tests.conftest import Digits
+from tests.integration.api_harness import Api
+from tests.integration.cycle_helpers import make_digits_project, run_stages
+
+
+def test_a_failing_training_shows_its_last_error_and_attempt(
+    engine: sa.Engine, settings: Settings, digits: Digits, tmp_path: Path
+) -> None:
+    settings = settings.model_copy(update={"lease_s": 2.0})
+    project = make_digits_project(engine, settings, digits, tmp_path, n_items=200, batch_size=60)
+    # The first cycle is a cold start (nothing to train on); its answers give the second data.
+    with db.session_scope(engine) as session:
+        first = start_cycle(session, project.name, trigger="test", settings=settings).id or 0
+    run_stages(engine, first, settings)
+    second = maybe_start_cycle(engine, project.name, settings)  # commits the answers first
+    assert second is not None and second.dataset_version is not None
+    cycle_id = second.id or 0
+    # The folder the trained model goes to is a file: the store cannot take the model.
+    blocked = tmp_path / "store" / project.name / "models"
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_bytes(b"not a folder")
+    with pytest.raises(OSError, match="models"):
+        run_step(engine, settings, Step(Stage.TRAIN, cycle_id))
+
+    with TestClient(create_app(settings, engine=engine)) as client:
+        api = Api(client, engine)
+        seen = client.get(
+            f"/api/v1/projects/{project.name}/cycles/{cycle_id}", headers=api.headers("read")
+        ).json()
+    assert seen["state"] == "training" and seen["failure_reason"] is None
+    assert seen["train_attempts"] == 1
+    assert seen["last_error"].startswith("train (attempt 1): "), seen["last_error"]
+    assert "models" in seen["last_error"] and seen["last_error_at"] is not None
+
+    # Once the store takes it again, the next attempt finishes; the error stays as history.
+    blocked.unlink()
+    time.sleep(2.5)  # the failed attempt's lease runs out (recovery would then send it again)
+    run_step(engine, settings, Step(Stage.TRAIN, cycle_id))
+    with TestClient(create_app(settings, engine=engine)) as client:
+        api = Api(client, engine)
+        seen = client.get(
+            f"/api/v1/projects/{project.name}/cycles/{cycle_id}", headers=api.headers("read")
+        ).json()
+    assert seen["state"] != "training" and seen["train_attempts"] == 2
+    assert seen["last_error"].startswith("train (attempt 1): ")
