@@ -7,10 +7,13 @@ Redis redelivers an unacknowledged message after `visibility_timeout_s`, which m
 longest task. The database, not the result backend, records what happened (no results kept).
 """
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import redis
 from celery import Celery
+from kombu.transport import redis as kombu_redis
 
 from services.config import Settings, get_settings
 from services.cycle.flow import ACCELERATED, task_name
@@ -24,8 +27,32 @@ RECONCILE = "focalloop.reconcile_labelers"
 RECOVER = "focalloop.recover_stalled"
 
 
+def survive_redis_restarts() -> None:
+    """Work around kombu 5.7 killing the worker when Redis goes away while a task runs.
+
+    When the connection drops, celery's consumer closes it twice: the first close detaches the
+    transport (`client = None`) but leaves the channel open because draining its pending BRPOP
+    failed; the second close then restores the unacknowledged message and asks the detached
+    transport for a new connection pool, raising AttributeError ('NoneType' has no
+    'hostname'), which celery treats as unrecoverable. Raising a connection error there instead
+    lets celery ignore it and reconnect as it does for any broker outage. Idempotent.
+    """
+    original: Callable[..., Any] = kombu_redis.Channel._connparams
+    if getattr(original, "focalloop_patched", False):
+        return
+
+    def connparams(self: Any, asynchronous: bool = False) -> Any:
+        if self.connection is None or self.connection.client is None:
+            raise redis.exceptions.ConnectionError("channel of a closed broker connection")
+        return original(self, asynchronous=asynchronous)
+
+    connparams.focalloop_patched = True  # type: ignore[attr-defined]
+    setattr(kombu_redis.Channel, "_connparams", connparams)  # noqa: B010 (a method: mypy)
+
+
 def create_app(settings: Settings) -> Celery:
     """A Celery app for `settings` (nothing connects until a worker or a send needs it)."""
+    survive_redis_restarts()
     app = Celery("focalloop", broker=settings.broker_url, include=["workers.tasks"])
     transport: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s}
     app.conf.update(

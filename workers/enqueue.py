@@ -9,6 +9,7 @@ pending), and `recover_stalled` re-enqueues any cycle whose message the broker l
 
 from collections.abc import Callable
 
+import redis
 import sqlalchemy as sa
 from celery import Celery
 from kombu.utils.url import maybe_sanitize_url
@@ -20,7 +21,7 @@ from services.cycle.leases import fail_cycle
 from services.cycle.start import start_cycle
 from services.db import session_scope
 from services.errors import TransientError
-from services.models import Cycle
+from services.models import Cycle, utcnow
 from workers.app import GPU_QUEUE
 
 TRAIN_TASK = task_name(Stage.TRAIN)
@@ -48,6 +49,27 @@ def check_broker(celery: Celery) -> None:
         raise BrokerUnavailable(
             f"the broker at {broker_location(celery)} is unreachable ({error}); nothing was started"
         ) from None
+
+
+# A key the broker keeps while it keeps its data; gone means queued messages may be gone too.
+BROKER_MARK = "focalloop:broker-mark"
+
+
+def broker_was_reset(settings: Settings) -> bool:
+    """Whether the broker (Redis) lost its data since the last call: restarted without it, or
+    flushed. The first call on a new broker answers True too, which only makes recovery look
+    at everything once. Brokers other than Redis are not checked (False)."""
+    if not settings.broker_url.startswith(("redis://", "rediss://")):
+        return False
+    client = redis.Redis.from_url(
+        settings.broker_url,
+        socket_timeout=BROKER_CHECK_TIMEOUT_S,
+        socket_connect_timeout=BROKER_CHECK_TIMEOUT_S,
+    )
+    try:
+        return bool(client.set(BROKER_MARK, utcnow().isoformat(), nx=True))
+    finally:
+        client.close()
 
 
 def start_and_enqueue(

@@ -26,6 +26,7 @@ from services.db import engine_from_settings
 from services.errors import TransientError
 from workers.app import RECONCILE, RECOVER, START_DUE, app
 from workers.devices import WorkerPlan, pin
+from workers.enqueue import broker_was_reset
 
 log = logging.getLogger("focalloop.workers")
 _ENGINE: sa.Engine | None = None
@@ -175,8 +176,13 @@ def reconcile_labelers() -> None:
 
 @task(RECOVER)
 def recover_stalled() -> None:
-    """Beat: re-enqueue work whose worker died or whose message was lost."""
-    recovery = find_stalled(engine(), settings())
+    """Beat: re-enqueue work whose worker died or whose message was lost. When the broker lost
+    its data (a Redis restart without it), every message may be gone: all unfinished work is
+    re-enqueued at once instead of after a lease (claims make the duplicates harmless)."""
+    reset = broker_was_reset(settings())
+    if reset:
+        log.warning("the broker holds none of its earlier data: re-enqueueing all open work")
+    recovery = find_stalled(engine(), settings(), stale_s=0.0 if reset else None)
     _send(recovery.steps())
     if any(vars(recovery).values()):
         log.info("recovery: %s", recovery)

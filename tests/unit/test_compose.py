@@ -30,6 +30,17 @@ def test_redis_keeps_queued_tasks() -> None:
     assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
 
 
+def test_focalloops_long_running_processes_come_back_when_they_die() -> None:
+    services = compose()["services"]
+    long_running = [
+        name
+        for name, service in services.items()
+        if service.get("command", [""])[0] == "focalloop" and service["command"][1] != "db"
+    ]
+    assert set(long_running) == {"worker-gpu", "worker-io", "beat", "api"}
+    assert all(services[name].get("restart") == "unless-stopped" for name in long_running)
+
+
 def test_minio_init_uses_minios_credentials_and_enables_versioning() -> None:
     services = compose()["services"]
     env = services["minio"]["environment"]
