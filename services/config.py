@@ -120,6 +120,12 @@ class Settings(BaseSettings):
     cycle_deadline_s: float = Field(
         default=12 * 3600, gt=0, description="A cycle still running after this fails."
     )
+    heartbeat_stale_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="/ready calls a queue unserved when no worker consuming it wrote a "
+        "heartbeat for this long (workers write one every 5 s).",
+    )
     recover_interval_s: float = Field(
         default=30.0, gt=0, description="How often beat runs recover_stalled."
     )

@@ -5,6 +5,7 @@ and beat may share one SQLite file, so every SQLite connection runs in WAL mode 
 block the writer) with a busy timeout (a second writer waits instead of failing at once).
 """
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -119,6 +120,18 @@ def current_revision(engine: sa.Engine) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
 
+def schema_problem(engine: sa.Engine) -> str | None:
+    """What is wrong with the database's schema for this code, or None when it is current.
+    Raises SQLAlchemy's errors when the database cannot be reached."""
+    current = current_revision(engine)
+    head = head_revision()
+    if current == head:
+        return None
+    found = "has no focalloop tables" if current is None else f"is at schema {current}"
+    return f"the database {found}; this focalloop needs {head}: run `focalloop db upgrade`"
+
+
+@functools.cache
 def head_revision() -> str:
     """The newest migration shipped with this code."""
     head = ScriptDirectory.from_config(

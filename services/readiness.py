@@ -1,6 +1,7 @@
-"""Readiness: can this deployment reach what the loop needs? Each dependency is checked and
-reported on its own (the database, the broker, every project's dataset store, every project's
-labeling tool), with a short reason when it fails."""
+"""Readiness: can this deployment do what the loop needs? Each dependency is checked and
+reported on its own (the database and its schema, the broker, a live worker on every queue,
+every project's dataset store taking a write, every project's labeling tool), with a short
+reason when it fails."""
 
 from dataclasses import dataclass
 
@@ -11,7 +12,9 @@ from sqlmodel import Session, select
 from labeling.registry import labeler_for
 from services.config import Settings
 from services.datasets.store import open_store
+from services.db import head_revision, schema_problem
 from services.errors import FocalloopError
+from services.heartbeats import QUEUES, serving
 from services.models import Project
 
 CHECK_TIMEOUT_S = 3.0
@@ -28,12 +31,34 @@ def _short(error: BaseException) -> str:
 
 
 def check_database(engine: sa.Engine) -> Check:
+    """It answers, and its schema is the one this code needs."""
     try:
-        with engine.connect() as connection:
-            connection.execute(sa.text("SELECT 1"))
+        problem = schema_problem(engine)
     except sa.exc.SQLAlchemyError as error:
         return Check(False, _short(error))
-    return Check(True, engine.dialect.name)
+    if problem is not None:
+        return Check(False, problem)
+    return Check(True, f"{engine.dialect.name}, schema {head_revision()}")
+
+
+def check_workers(session: Session, settings: Settings) -> Check:
+    """Every queue has a worker that wrote a heartbeat in the last `heartbeat_stale_s`."""
+    served = serving(session, stale_s=settings.heartbeat_stale_s)
+    unserved = [queue for queue in QUEUES if not served.get(queue)]
+    if unserved:
+        return Check(
+            False,
+            f"no worker consuming {' or '.join(unserved)} has been heard from in "
+            f"{settings.heartbeat_stale_s:.0f} s",
+        )
+    return Check(
+        True,
+        "; ".join(
+            f"{queue}: {name} ({age:.0f} s ago)"
+            for queue in QUEUES
+            for name, age in served[queue][:1]
+        ),
+    )
 
 
 def check_broker(settings: Settings) -> Check:
@@ -54,17 +79,17 @@ def check_broker(settings: Settings) -> Check:
 
 
 def check_stores(session: Session, settings: Settings) -> Check:
-    """Every project's dataset store answers a lookup (a missing key is an answer)."""
+    """Every project's dataset store takes a write (a probe object, removed at once)."""
     urls = sorted(set(session.exec(select(Project.store_url)).all()))
     failures = []
     for url in urls:
         try:
-            open_store(url, settings).exists("focalloop-readiness-probe")
+            open_store(url, settings).check_writable()
         except Exception as error:  # botocore's connection errors share no narrower base
             failures.append(f"{url}: {_short(error)}")
     if failures:
         return Check(False, "; ".join(failures)[:1000])
-    return Check(True, f"{len(urls)} store(s) reachable")
+    return Check(True, f"{len(urls)} store(s) writable")
 
 
 def check_labelers(session: Session, settings: Settings) -> Check:

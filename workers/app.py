@@ -17,9 +17,9 @@ from kombu.transport import redis as kombu_redis
 
 from services.config import Settings, get_settings
 from services.cycle.flow import ACCELERATED, task_name
+from services.heartbeats import GPU_QUEUE, IO_QUEUE
+from workers.heartbeat import Heartbeat
 
-GPU_QUEUE = "gpu"
-IO_QUEUE = "io"
 GPU_TASKS = tuple(sorted(task_name(stage) for stage in ACCELERATED))
 # Beat's own tasks (not stages of the flow): they start cycles, recover, reconcile.
 START_DUE = "focalloop.maybe_start_cycles"
@@ -85,6 +85,7 @@ def create_app(settings: Settings) -> Celery:
             },
         },
     )
+    app.steps["consumer"].add(Heartbeat)
     return app
 
 

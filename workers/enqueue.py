@@ -21,8 +21,8 @@ from services.cycle.leases import fail_cycle
 from services.cycle.start import start_cycle
 from services.db import session_scope
 from services.errors import TransientError
+from services.heartbeats import GPU_QUEUE
 from services.models import Cycle, utcnow
-from workers.app import GPU_QUEUE
 
 TRAIN_TASK = task_name(Stage.TRAIN)
 # Seconds to wait for the broker before calling it unreachable.

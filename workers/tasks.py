@@ -27,6 +27,7 @@ from services.errors import TransientError
 from workers.app import RECONCILE, RECOVER, START_DUE, app
 from workers.devices import WorkerPlan, pin
 from workers.enqueue import broker_was_reset
+from workers.heartbeat import forget_inherited_engine
 
 log = logging.getLogger("focalloop.workers")
 _ENGINE: sa.Engine | None = None
@@ -68,6 +69,7 @@ def _fresh_process(**_: Any) -> None:
     if _ENGINE is not None:
         _ENGINE.dispose(close=False)
     _ENGINE = None
+    forget_inherited_engine()
     threads = settings().torch_threads
     if threads:
         import torch

@@ -29,6 +29,7 @@ from services import logs
 from services.api.bodies import BodyLimit, json_object, read_capped, validation_problems
 from services.api.metrics import metrics_registry
 from services.api.routes import admin, cycles, datasets, models, operations, projects, queue
+from services.api.schema_gate import SchemaGate
 from services.api.schemas import Problem
 from services.config import Settings
 from services.cycle.flow import Stage, task_name
@@ -115,6 +116,7 @@ def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> FastAP
 
     app.add_middleware(BodyLimit, limit_for=body_limit)
     app.state.engine = engine if engine is not None else engine_from_settings(settings)
+    app.add_middleware(SchemaGate, engine=app.state.engine)
     app.state.metrics, webhook_outcomes = metrics_registry(app.state.engine)
     celery = create_celery(settings)
     app.state.celery = celery

@@ -444,4 +444,6 @@ class CheckPublic(BaseModel):
 
 class ReadyPublic(BaseModel):
     ready: bool
-    checks: dict[str, CheckPublic]
+    checks: dict[str, CheckPublic] | None = Field(
+        default=None, description="Each check and its reason: only for a valid API token."
+    )

@@ -2,7 +2,7 @@
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -11,6 +11,9 @@ from rich.table import Table
 from services.commands.audited import audit_cli, cli_actor
 from services.commands.state import engine_for, project_app
 from services.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from services.config import Settings
 
 cycle_app = typer.Typer(help="Active-learning cycles of a project.", no_args_is_help=True)
 console = Console()
@@ -39,6 +42,7 @@ def worker(
     if not wanted or set(wanted) - {"gpu", "io"}:
         raise InvalidInput(f"--queues takes gpu and/or io, got {queues!r}")
     settings = get_settings()
+    refuse_an_old_schema(settings)
     # Planned before the tasks (and torch) are imported: nothing here may initialize CUDA.
     plan = plan_workers(
         queues=wanted,
@@ -68,6 +72,25 @@ def worker(
     celery_app.worker_main(argv)
 
 
+def refuse_an_old_schema(settings: "Settings") -> None:
+    """InvalidInput naming `focalloop db upgrade` when the database's schema is not this code's
+    (every task would fail on a missing table). An unreachable database is not refused: the
+    tasks retry until it answers."""
+    import sqlalchemy as sa
+
+    from services.db import engine_from_settings, schema_problem
+
+    engine = engine_from_settings(settings)
+    try:
+        problem = schema_problem(engine)
+    except sa.exc.SQLAlchemyError:
+        return
+    finally:
+        engine.dispose()
+    if problem is not None:
+        raise InvalidInput(problem)
+
+
 def beat(
     loglevel: Annotated[str, typer.Option()] = "INFO",
     schedule: Annotated[
@@ -81,6 +104,7 @@ def beat(
     from workers.app import app as celery_app
 
     settings = get_settings()
+    refuse_an_old_schema(settings)
     logs.configure(settings.log_level, fmt=settings.log_format)
     path = schedule or settings.data_dir.expanduser() / "celerybeat-schedule"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,8 @@ broker. `focalloop up` without Redis runs the loop this way beside the API, and 
 rows a Celery run leaves, because they run the same stages (`stages.run_step`)."""
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections import Counter, deque
@@ -20,6 +22,7 @@ from services.cycle.stages import run_step
 from services.cycle.trigger import start_due_cycles
 from services.db import session_scope
 from services.errors import TransientError
+from services.heartbeats import HEARTBEAT_INTERVAL_S, QUEUES, record_heartbeat
 from services.models import Cycle, CycleState
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,7 @@ class InProcessLoop(threading.Thread):
         self.stopping.set()
 
     def run(self) -> None:
+        threading.Thread(target=self._heartbeat, name="focalloop-heartbeat", daemon=True).start()
         interval = self.settings.schedule_interval_s
         sync_every = self.settings.label_studio_sync_interval_s
         since_sync = sync_every  # reconcile on the first pass
@@ -96,6 +100,17 @@ class InProcessLoop(threading.Thread):
             since_sync = 0.0 if since_sync >= sync_every else since_sync
             since_sync += interval
             self.stopping.wait(interval)
+
+    def _heartbeat(self) -> None:
+        """While this loop's thread lives, it serves both queues: /ready reads it as it reads a
+        Celery worker's heartbeat (a pass can take minutes, so the beat is a thread of its own)."""
+        name = f"in-process@{socket.gethostname()}"
+        while self.is_alive() and not self.stopping.is_set():
+            try:
+                record_heartbeat(self.engine, name, QUEUES, os.getpid())
+            except Exception:
+                log.warning("could not write the in-process loop's heartbeat", exc_info=True)
+            self.stopping.wait(HEARTBEAT_INTERVAL_S)
 
     def step(self, *, sync: bool) -> None:
         start_due_cycles(self.engine, self.settings)

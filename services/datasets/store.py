@@ -139,6 +139,10 @@ class DatasetStore(ABC):
     def list_keys(self, prefix: str = "") -> list[str]:
         """Every key under `prefix` (a '/'-ended folder or ""), sorted."""
 
+    @abstractmethod
+    def check_writable(self) -> None:
+        """Write and remove a probe object; raises what the write raises (readiness)."""
+
     def describe(self, key: str) -> str:
         return f"{self.url}/{key}"
 
@@ -177,6 +181,12 @@ class LocalStore(DatasetStore):
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+
+    def check_writable(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        probe = self.root / f".focalloop-ready-{uuid.uuid4().hex}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
 
     def get(self, key: str) -> bytes:
         try:
@@ -251,6 +261,16 @@ class S3Store(DatasetStore):
             if _status(error) in (409, 412):
                 return False
             raise _s3_error(error, self.describe(key)) from error
+
+    def check_writable(self) -> None:
+        key = self._key(f".focalloop-ready-{uuid.uuid4().hex}")
+        try:
+            written = self.client.put_object(Bucket=self.bucket, Key=key, Body=b"ok")
+            # The version itself, so a versioned bucket keeps no trace of the probe.
+            version = {"VersionId": written["VersionId"]} if written.get("VersionId") else {}
+            self.client.delete_object(Bucket=self.bucket, Key=key, **version)  # type: ignore[arg-type]
+        except ClientError as error:
+            raise _s3_error(error, f"s3://{self.bucket}/{key}") from error
 
     def get(self, key: str) -> bytes:
         try:

@@ -23,6 +23,7 @@ from services.config import Settings
 from services.cycle.runner import run_cycle
 from services.cycle.trigger import maybe_start_cycle
 from services.datasets.pool import add_to_pool
+from services.heartbeats import QUEUES, record_heartbeat
 from services.projects import ProjectSpec, create_project, get_project
 from tests.conftest import Digits
 from tests.integration.conftest import PrivateRedis
@@ -55,6 +56,7 @@ def app_under_test(tmp_path_factory: pytest.TempPathFactory, digits: Digits) -> 
         source_roots=[f"file://{folder / 'sources'}"],
         broker_url=broker.url,
         webhook_secret=SecretStr(WEBHOOK_SECRET),
+        heartbeat_stale_s=86_400.0,  # /ready wants a worker: the one heard from below
     )
     (folder / "sources").mkdir()
     ids = np.array([f"d{i:03d}" for i in range(200)])
@@ -90,6 +92,7 @@ def app_under_test(tmp_path_factory: pytest.TempPathFactory, digits: Digits) -> 
         cycle = maybe_start_cycle(engine, "alpha", settings)
         assert cycle is not None
         run_cycle(engine, cycle.id or 0, settings)
+    record_heartbeat(engine, "schemathesis@host", QUEUES, 1)
     app = create_app(settings, engine=engine)
     app.state.test_engine = engine
     yield app

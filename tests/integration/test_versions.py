@@ -141,6 +141,9 @@ class CrashBeforeManifest(DatasetStore):
     def list_keys(self, prefix: str = "") -> list[str]:
         return self.inner.list_keys(prefix)
 
+    def check_writable(self) -> None:
+        self.inner.check_writable()
+
 
 def test_crash_between_data_and_manifest_leaves_the_version_invisible_and_a_retry_completes(
     store: DatasetStore,
