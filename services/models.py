@@ -337,6 +337,7 @@ class Cycle(SQLModel, table=True):
     model_version: int | None = Field(default=None)
     failure_reason: str | None = Field(default=None, max_length=4000)
     last_error: str | None = Field(default=None, max_length=4000, description="Newest, kept.")
+    note: str | None = Field(default=None, max_length=400, description="e.g. why none selected")
     last_error_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     cancel_requested: bool = Field(default=False)
     train_attempts: int = Field(default=0)

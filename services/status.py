@@ -67,6 +67,7 @@ class CycleView:
             "last_error": cycle.last_error,
             "last_error_at": cycle.last_error_at.isoformat() if cycle.last_error_at else None,
             "train_attempts": cycle.train_attempts,
+            "note": cycle.note,
             "cancel_requested": cycle.cancel_requested,
             "timeline": list(cycle.timeline),
             "durations_s": self.durations_s,

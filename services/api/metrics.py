@@ -127,6 +127,16 @@ class StateCollector(Collector):
             "Labeling-tool events refused at ingest (unknown label, foreign task, ...).",
             labels=["project"],
         )
+        applied = CounterMetricFamily(
+            "focalloop_label_events_applied",
+            "Labeling-tool events ingest applied (stored answers, withdrawals, duplicates).",
+            labels=["project"],
+        )
+        waiting = GaugeMetricFamily(
+            "focalloop_label_events_pending",
+            "Labeling-tool events stored and not yet ingested.",
+            labels=["project"],
+        )
         with session_scope(self.engine) as session:
             for project in session.exec(select(Project).order_by(col(Project.name))).all():
                 name = project.name
@@ -215,16 +225,24 @@ class StateCollector(Collector):
                 labels_total.add_metric([name], int(count))
                 if newest is not None:
                     last_label.add_metric([name], _timestamp(newest))
-                refused.add_metric(
-                    [name],
-                    int(
-                        session.exec(
-                            select(func.count())
-                            .select_from(InboxEvent)
-                            .where(InboxEvent.project_id == pid, col(InboxEvent.error).is_not(None))
-                        ).one()
-                    ),
-                )
+                events = {"refused": 0, "applied": 0, "pending": 0}
+                for processed, failed_event, count in session.execute(
+                    sa.select(
+                        col(InboxEvent.processed_at).is_not(None),
+                        col(InboxEvent.error).is_not(None),
+                        func.count(),
+                    )
+                    .where(col(InboxEvent.project_id) == pid)
+                    .group_by(
+                        col(InboxEvent.processed_at).is_not(None),
+                        col(InboxEvent.error).is_not(None),
+                    )
+                ):
+                    outcome = "refused" if failed_event else "applied" if processed else "pending"
+                    events[outcome] += int(count)
+                refused.add_metric([name], events["refused"])
+                applied.add_metric([name], events["applied"])
+                waiting.add_metric([name], events["pending"])
         yield from (
             cycles,
             failed,
@@ -242,6 +260,8 @@ class StateCollector(Collector):
             labels_total,
             last_label,
             refused,
+            applied,
+            waiting,
         )
 
     @staticmethod
@@ -297,8 +317,9 @@ def metrics_registry(engine: sa.Engine) -> tuple[CollectorRegistry, Counter]:
     registry.register(StateCollector(engine))
     webhooks = Counter(
         "focalloop_webhook_events",
-        "Label Studio webhook deliveries by outcome (stored, duplicate, ignored, rejected), "
-        "counted by this API process.",
+        "Label Studio webhook deliveries at the door by outcome, counted by this API process: "
+        "stored (kept for ingest, which may still refuse it: see "
+        "focalloop_label_events_applied / _refused / _pending), duplicate, ignored, rejected.",
         labelnames=["outcome"],
         registry=registry,
     )

@@ -285,6 +285,7 @@ class CyclePublic(BaseModel):
     )
     last_error_at: datetime | None
     train_attempts: int = Field(description="Training attempts claimed so far.")
+    note: str | None = Field(description="What a user should know, e.g. why none was selected.")
     cancel_requested: bool
     chunks_total: int | None
     chunks_done: int
@@ -312,6 +313,7 @@ class CyclePublic(BaseModel):
             last_error=cycle.last_error,
             last_error_at=cycle.last_error_at,
             train_attempts=cycle.train_attempts,
+            note=cycle.note,
             cancel_requested=cycle.cancel_requested,
             chunks_total=cycle.chunks_total,
             chunks_done=cycle.chunks_done,

@@ -179,14 +179,14 @@ def cycle_status(
 
 
 def _reason(summary: dict[str, Any]) -> str:
-    """Why a cycle failed; or, while it runs, the error it is recovering from."""
+    """Why a cycle failed; while it runs, the error it is recovering from; else its note."""
     from services.models import FINAL_CYCLE_STATES
 
     if summary["failure_reason"]:
         return str(summary["failure_reason"])
     if summary["last_error"] and summary["state"] not in FINAL_CYCLE_STATES:
         return f"retrying after {summary['last_error']} (at {summary['last_error_at']})"
-    return ""
+    return str(summary["note"] or "")
 
 
 @cycle_app.command("cancel")

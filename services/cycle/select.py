@@ -4,6 +4,7 @@ label budget), and mark the items selected. Runs once per cycle: a redelivery fi
 past selecting and does nothing."""
 
 import io
+import logging
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,7 +13,7 @@ from sqlmodel import Session, col
 
 from services import logs
 from services.config import Settings
-from services.cycle.budget import allowance_now
+from services.cycle.budget import allowance_now, items_committed, labels_spent
 from services.cycle.data import (
     label_counts,
     load_items,
@@ -36,6 +37,8 @@ from services.selection.config import SelectionConfig
 from services.state import transition_cycle, transition_items
 
 COLD_START_SAMPLE = 20_000  # unlabeled items cold start clusters at most
+
+log = logging.getLogger(__name__)
 
 
 def select_stage(engine: sa.Engine, settings: Settings, step: Step) -> list[Step]:
@@ -135,6 +138,19 @@ def _cold_start(
     return [pool_ids[int(p)] for p in picks]
 
 
+def _why_nothing(session: Session, project: Project) -> str:
+    """Why a selection came out empty, in words a user can act on."""
+    if project.label_budget is not None and allowance_now(session, project) < 1:
+        return (
+            f"selected nothing: the label budget ({project.label_budget}) is spent or promised: "
+            f"{labels_spent(session, project)} labels given, "
+            f"{items_committed(session, project)} items waiting for an answer"
+        )
+    if not unlabeled_ids(session, project):
+        return "selected nothing: the pool has no unlabeled item (add some: focalloop pool add)"
+    return "selected nothing: no candidate was left after scoring"
+
+
 def _write(session: Session, project: Project, cycle: Cycle, plan: BatchPlan) -> None:
     """The cycle's selection rows, in labeling order, and its items moved to selected."""
     rows = [
@@ -157,6 +173,9 @@ def _write(session: Session, project: Project, cycle: Cycle, plan: BatchPlan) ->
         CycleSelection(cycle_id=cycle.id or 0, item_id=item_id, rank=len(rows) + i, cold_start=True)
         for i, item_id in enumerate(plan.cold_start)
     ]
+    if not rows:
+        cycle.note = _why_nothing(session, project)
+        log.info("cycle %s of %s: %s", cycle.number, project.name, cycle.note)
     session.add_all(rows)
     transition_items(session, plan.item_ids(), ItemStatus.SELECTED, expected=ItemStatus.UNLABELED)
     cycle.selected_count = len(rows)

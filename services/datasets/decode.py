@@ -24,7 +24,7 @@ from services.datasets.sources import (
 )
 from services.datasets.store import sha256_hex
 from services.datasets.tables import read_table_bytes, table_format
-from services.errors import InvalidInput
+from services.errors import InvalidInput, NotFound
 from services.models import Project
 
 _IO_THREADS = 8
@@ -211,6 +211,8 @@ def read_candidates(
         ]
         if not jobs:
             raise InvalidInput(f"{source.uri()}: no image files found")
+    elif not reader.exists(source):
+        raise NotFound(f"{source.uri()} does not exist")
     else:
         raise InvalidInput(
             f"{source.uri()}: expected a folder, a manifest (.csv/.jsonl/.parquet) or an .npz"

@@ -146,6 +146,13 @@ class SourceReader:
         store = self._s3_store(location)
         return store.get_raw(location.path, limit=limit)
 
+    def exists(self, location: Location) -> bool:
+        """Whether a local file or folder is there (S3 locations: True, their reads say)."""
+        if location.root.scheme == "file":
+            _check_inside(location.root.root, location.path)
+            return Path(location.root.root, location.path).exists()
+        return True
+
     def is_folder(self, location: Location) -> bool:
         if location.root.scheme == "file":
             return Path(location.root.root, location.path).is_dir()

@@ -4,10 +4,12 @@ was only in the worker's log."""
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
+from sqlmodel import select
 
 from services import db
 from services.api.app import create_app
@@ -16,8 +18,12 @@ from services.cycle.flow import Stage, Step
 from services.cycle.stages import run_step
 from services.cycle.start import start_cycle
 from services.cycle.trigger import maybe_start_cycle
+from services.models import Cycle
+from services.projects import ProjectSpec, create_project, get_project
+from services.status import cycle_view
 from tests.conftest import Digits
 from tests.integration.api_harness import Api
+from tests.integration.conftest import unique_name
 from tests.integration.cycle_helpers import make_digits_project, run_stages
 
 
@@ -61,3 +67,57 @@ def test_a_failing_training_shows_its_last_error_and_attempt(
         ).json()
     assert seen["state"] != "training" and seen["train_attempts"] == 2
     assert seen["last_error"].startswith("train (attempt 1): ")
+
+
+def test_a_cycle_that_selects_nothing_says_why(
+    engine: sa.Engine, settings: Settings, digits: Digits, tmp_path: Path
+) -> None:
+    """Before, a new project's first cycle that selected nothing said nothing about why."""
+    empty = unique_name("empty")
+    with db.session_scope(engine) as session:
+        create_project(
+            session,
+            ProjectSpec(
+                name=empty,
+                labels=["other", "eight"],
+                modality="features",
+                store_url=f"file://{tmp_path / 'empty-store'}",
+            ),
+        )
+        cycle_id = start_cycle(session, empty, trigger="test", settings=settings).id or 0
+    run_stages(engine, cycle_id, settings)
+    view = cycle_of(engine, empty, cycle_id)
+    assert (view["state"], view["selected"]) == ("done", 0)
+    assert view["note"] == (
+        "selected nothing: the pool has no unlabeled item (add some: focalloop pool add)"
+    )
+
+    spent = make_digits_project(
+        engine,
+        settings,
+        digits,
+        tmp_path / "spent",
+        n_items=60,
+        batch_size=10,
+        label_budget=10,
+        retrain_min_new_labels=10,
+    )
+    last = 0
+    for _ in range(2):  # the second cycle trains on the budget's last labels, asks for none
+        cycle = maybe_start_cycle(engine, spent.name, settings)
+        assert cycle is not None
+        last = cycle.id or 0
+        run_stages(engine, last, settings)
+    view = cycle_of(engine, spent.name, last)
+    assert view["selected"] == 0 and view["note"].startswith(
+        "selected nothing: the label budget (10) is spent or promised: 10 labels given"
+    ), view
+
+
+def cycle_of(engine: sa.Engine, name: str, cycle_id: int) -> dict[str, Any]:
+    with db.session_scope(engine) as session:
+        project = get_project(session, name)
+        row = session.exec(
+            select(Cycle).where(Cycle.project_id == project.id, Cycle.id == cycle_id)
+        ).one()
+        return cycle_view(session, row).to_dict()

@@ -106,6 +106,20 @@ def _inbox(engine: sa.Engine) -> int:
         return int(session.exec(select(func.count()).select_from(InboxEvent)).one())
 
 
+def event_counts(engine: sa.Engine, settings: Settings, name: str) -> dict[str, int]:
+    """The project's nonzero focalloop_label_events_{applied,refused,pending} from /metrics."""
+    with TestClient(create_app(settings, engine=engine)) as client:
+        text = client.get("/metrics").text
+    counts = {}
+    for outcome in ("applied", "refused", "pending"):
+        suffix = "" if outcome == "pending" else "_total"
+        line = f'focalloop_label_events_{outcome}{suffix}{{project="{name}"}} '
+        (value,) = [row[len(line) :] for row in text.splitlines() if row.startswith(line)]
+        if float(value):
+            counts[outcome] = int(float(value))
+    return counts
+
+
 @pytest.mark.parametrize("fault", sorted(POISON))
 def test_a_malformed_annotation_is_refused_at_the_door_and_nothing_is_stored(
     door: TestClient,
@@ -183,8 +197,12 @@ def test_events_that_fail_at_ingest_are_quarantined_and_the_others_flow(
                     payload=json.loads(json.dumps(event)),
                 )
             )
+    assert event_counts(engine, settings, project.name) == {"pending": 13}
     totals = ingest_pending(engine)
     assert (totals.stored, totals.rejected) == (8, 5)
+    # The metrics tell stored-and-applied from stored-then-refused (webhook_events_total's
+    # "stored" alone counted both alike).
+    assert event_counts(engine, settings, project.name) == {"applied": 8, "refused": 5}
     assert ingest_pending(engine).events == 0  # nothing is left to block the next ingest
     with db.session_scope(engine) as session:
         labeled = session.exec(

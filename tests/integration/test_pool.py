@@ -20,7 +20,7 @@ from services.datasets.decode import decode_image
 from services.datasets.pool import add_to_pool, load_shard
 from services.datasets.sources import locate
 from services.datasets.store import open_store, s3_client
-from services.errors import InvalidInput
+from services.errors import InvalidInput, NotFound
 from services.models import Annotation, Item, Project
 from services.projects import ProjectSpec, create_project, pool_counts
 from services.state import refresh_label
@@ -285,3 +285,21 @@ def test_decode_image_resizes_and_converts(digits: Digits) -> None:
     assert (pixels[0] == 255).all() and (pixels[1] == 0).all()
     with pytest.raises(ValueError, match="cannot decode"):
         decode_image(b"GIF89a broken", size=16, channels=1)
+
+
+def test_a_source_that_does_not_exist_says_so(
+    engine: sa.Engine, settings: Settings, tmp_path: Path
+) -> None:
+    """Before, a missing folder answered "expected a folder, a manifest ... or an .npz"."""
+    with db.session_scope(engine) as session:
+        project = image_project(session, f"file://{tmp_path / 'store'}")
+        for missing in (tmp_path / "no-such-folder", tmp_path / "no-such-file.png"):
+            with pytest.raises(NotFound, match=f"^file://{missing} does not exist$"):
+                add_to_pool(
+                    session,
+                    project,
+                    str(missing),
+                    settings=settings,
+                    trusted_roots=[f"file://{tmp_path}"],
+                )
+        assert pool_counts(session, project).total == 0

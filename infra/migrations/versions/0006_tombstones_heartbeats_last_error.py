@@ -1,4 +1,4 @@
-"""annotation tombstones, worker heartbeats, a cycle's last error
+"""annotation tombstones, worker heartbeats, a cycle's last error and note
 
 Revision ID: 0006
 Revises: 0005
@@ -36,10 +36,12 @@ def upgrade() -> None:
     with op.batch_alter_table("cycle", schema=None) as batch_op:
         batch_op.add_column(sa.Column("last_error", sa.String(length=4000), nullable=True))
         batch_op.add_column(sa.Column("last_error_at", sa.DateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column("note", sa.String(length=400), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("cycle", schema=None) as batch_op:
+        batch_op.drop_column("note")
         batch_op.drop_column("last_error_at")
         batch_op.drop_column("last_error")
     op.drop_table("workerheartbeat")
