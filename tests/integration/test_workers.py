@@ -325,7 +325,9 @@ def _pinned(running: Cluster) -> set[str]:
 
 
 def test_a_worker_told_to_use_cuda_on_a_host_without_one_refuses_to_start(
-    worker_settings: Settings, tmp_path: Path
+    state: sa.Engine,  # a migrated database: a worker refuses an unmigrated one first
+    worker_settings: Settings,
+    tmp_path: Path,
 ) -> None:
     env = child_environment(
         worker_settings.model_copy(update={"device": "cuda"}), CUDA_VISIBLE_DEVICES=""
