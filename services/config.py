@@ -163,10 +163,11 @@ class Settings(BaseSettings):
         description="Larger webhook bodies are refused with 413 (Label Studio's carry the task).",
     )
     media_url_ttl_s: int = Field(
-        default=7 * 24 * 3600,
+        default=24 * 3600,
         ge=60,
         le=7 * 24 * 3600,
-        description="Lifetime of the image links tasks carry (7 days is S3's presigning limit).",
+        description="Lifetime of the image links tasks carry (at most 7 days, S3's presigning "
+        "limit); reconciliation renews an open task's link before half of it is left.",
     )
     label_studio_timeout_s: float = Field(
         default=60.0, gt=0, description="Per request to Label Studio."

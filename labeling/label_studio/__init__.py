@@ -21,6 +21,7 @@ from labeling.base import HandOffRefused, IngestReport, ReviewPolicy
 from labeling.label_studio.events import ingest_pending
 from labeling.label_studio.hand_off import hand_off as hand_off_batch
 from labeling.label_studio.link import KIND, SOURCE, LabelStudioLink, gateway
+from labeling.label_studio.refresh import refresh_media_links
 from labeling.label_studio.sync import sync_annotations
 from labeling.label_studio.tasks import drop_unsent_tasks, push_pending
 from services.config import Settings
@@ -62,6 +63,9 @@ class LabelStudioLabeler:
         report = sync_annotations(engine, project_name, settings)
         if report.new_revisions or report.withdrawn:
             log.info("synced %s with Label Studio: %s", project_name, report)
+        renewed = refresh_media_links(engine, project_name, settings)
+        if renewed:
+            log.info("renewed the image links of %d open %s tasks", renewed, project_name)
 
     def review_policy(self, project: Project) -> ReviewPolicy | None:
         link = LabelStudioLink.of(project)

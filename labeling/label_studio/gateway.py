@@ -199,6 +199,13 @@ class LabelStudioGateway:
             annotations = [a for a in raw.get("annotations") or [] if isinstance(a, dict)]
             yield RemoteTask(int(raw["id"]), item_id, kind, annotations, raw)
 
+    def update_task_data(self, task_id: int, data: Mapping[str, Any]) -> None:
+        """Replace a task's data (its annotations and predictions stay)."""
+        _call(
+            lambda: self._client.tasks.update(id=str(task_id), data=dict(data)),
+            f"update task {task_id}",
+        )
+
     def import_tasks(self, project_id: int, payloads: Sequence[Mapping[str, Any]]) -> list[int]:
         """Create tasks (with their predictions) in one request; their ids, in payload order.
         Not retried here: see the module note."""

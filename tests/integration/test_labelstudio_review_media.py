@@ -2,6 +2,7 @@
 refused connect or hand-off leaves behind (real Label Studio, our API under uvicorn)."""
 
 import hashlib
+import time
 from pathlib import Path
 
 import httpx
@@ -13,6 +14,7 @@ from sqlmodel import select
 
 from labeling.label_studio import link, media
 from labeling.label_studio.gateway import LabelStudioGateway
+from labeling.label_studio.refresh import link_expiry, refresh_media_links
 from labeling.label_studio.server import LocalLabelStudio
 from services import db
 from services.config import Settings
@@ -215,6 +217,23 @@ def test_task_image_links_serve_the_image_bytes(
             .replace(f"/{tasks[0].item_id}?", f"/{int(tasks[0].item_id or 0) + 1}?")
         )
         assert httpx.get(other_item).status_code == 403
+
+    # Links live a day by default; reconciliation renews those past half their life, and the
+    # renewed links serve the same bytes. (Before, links were valid for 7 days, never renewed.)
+    expiries = {task.task_id: link_expiry(task.raw["data"]["image"]) for task in tasks}
+    assert all(e is not None and e <= time.time() + 24 * 3600 + 5 for e in expiries.values())
+    assert refresh_media_links(sqlite_engine, name, settings) == 0  # all fresh: nothing to do
+    time.sleep(1.1)  # presigned URLs carry whole seconds
+    later = time.time() + 0.6 * settings.media_url_ttl_s
+    assert refresh_media_links(sqlite_engine, name, settings, now=later) == 4
+    for task in annotator.list_tasks(ls_project):
+        url = task.raw["data"]["image"]
+        renewed = link_expiry(url)
+        assert renewed is not None and renewed > (expiries[task.task_id] or 0), url
+        answer = httpx.get(url)
+        assert answer.status_code == 200
+        original = originals[Path(item_of(sqlite_engine, int(task.item_id or 0)).uri).name]
+        assert answer.content == original
 
 
 def test_media_link_refuses_a_changed_source(
