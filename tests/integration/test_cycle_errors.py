@@ -46,11 +46,7 @@ def test_a_failing_training_shows_its_last_error_and_attempt(
     with pytest.raises(OSError, match="models"):
         run_step(engine, settings, Step(Stage.TRAIN, cycle_id))
 
-    with TestClient(create_app(settings, engine=engine)) as client:
-        api = Api(client, engine)
-        seen = client.get(
-            f"/api/v1/projects/{project.name}/cycles/{cycle_id}", headers=api.headers("read")
-        ).json()
+    seen = through_the_api(engine, settings, project.name, cycle_id)
     assert seen["state"] == "training" and seen["failure_reason"] is None
     assert seen["train_attempts"] == 1
     assert seen["last_error"].startswith("train (attempt 1): "), seen["last_error"]
@@ -60,13 +56,22 @@ def test_a_failing_training_shows_its_last_error_and_attempt(
     blocked.unlink()
     time.sleep(2.5)  # the failed attempt's lease runs out (recovery would then send it again)
     run_step(engine, settings, Step(Stage.TRAIN, cycle_id))
-    with TestClient(create_app(settings, engine=engine)) as client:
-        api = Api(client, engine)
-        seen = client.get(
-            f"/api/v1/projects/{project.name}/cycles/{cycle_id}", headers=api.headers("read")
-        ).json()
+    seen = through_the_api(engine, settings, project.name, cycle_id)
     assert seen["state"] != "training" and seen["train_attempts"] == 2
     assert seen["last_error"].startswith("train (attempt 1): ")
+
+
+def through_the_api(
+    engine: sa.Engine, settings: Settings, name: str, cycle_id: int
+) -> dict[str, Any]:
+    """The cycle as `GET /projects/{name}/cycles/{id}` shows it to a read token."""
+    with TestClient(create_app(settings, engine=engine)) as client:
+        api = Api(client, engine)
+        answer = client.get(
+            f"/api/v1/projects/{name}/cycles/{cycle_id}", headers=api.headers("read")
+        )
+        seen: dict[str, Any] = answer.json()
+        return seen
 
 
 def test_a_cycle_that_selects_nothing_says_why(
