@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 
 from services.config import process_environment
+from services.servers import die_with_parent
 
 LABEL_STUDIO_VERSION = "1.23.2"
 
@@ -64,7 +65,9 @@ class Credentials:
 
 
 class LocalLabelStudio:
-    """One Label Studio process on 127.0.0.1:`port` with its data under `data_dir`."""
+    """One Label Studio process on 127.0.0.1:`port` with its data under `data_dir`. `owned`:
+    it dies with this process (SIGTERM, to its leader, which may end its own helpers), even
+    when this one is killed: what `focalloop up` needs so that a dead `up` leaves no server."""
 
     def __init__(
         self,
@@ -73,8 +76,10 @@ class LocalLabelStudio:
         port: int,
         data_dir: Path,
         credentials: Credentials | None = None,
+        owned: bool = False,
     ) -> None:
         self.executable = executable
+        self.owned = owned
         self.port = port
         self.data_dir = data_dir
         self.credentials = credentials or Credentials()
@@ -116,6 +121,7 @@ class LocalLabelStudio:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, stopped as one
+            preexec_fn=die_with_parent(signal.SIGTERM) if self.owned else None,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

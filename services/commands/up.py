@@ -9,15 +9,18 @@ when it runs, so the other commands do not pay for it.
 
 from __future__ import annotations
 
+import gc
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Protocol
 
 import typer
 from rich.console import Console
@@ -56,15 +59,95 @@ def _name(process: subprocess.Popen[bytes]) -> str:
     return " ".join(str(a) for a in args) if isinstance(args, list) else str(args)
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+# After Ctrl-C the children get this long to exit on their own, all at once, before their
+# process groups are killed. The worker stops cold (acks_late puts its running task back), so no
+# one waits for a training to finish; all of them exit within a few seconds.
+STOP_GRACE_S = 10.0
+# The private redis-server stops after the others, once the worker has put its task back; on
+# SIGTERM it flushes its append-only file and exits in well under a second.
+BROKER_GRACE_S = 5.0
+
+
+class _Server(Protocol):
+    """RedisServer and LocalLabelStudio: their process exists only once they are started."""
+
+    process: subprocess.Popen[bytes] | None
+
+
+@dataclass(frozen=True)
+class _Child:
+    owner: subprocess.Popen[bytes] | _Server
+    stop_signal: signal.Signals
+    # Send stop_signal to the whole process group, or to the leader only (the worker, whose
+    # cold shutdown ends its own pool).
+    group: bool
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return self.owner if isinstance(self.owner, subprocess.Popen) else self.owner.process
+
+
+class _Children:
+    """Everything `up` starts, each in a process group of its own (a worker's pool processes,
+    a server's helpers), stopped together: stopping one after another, each allowed 20 s and a
+    worker waiting for its training, left `up` running 90 s after Ctrl-C on a loaded machine.
+    Each child also gets a parent-death signal (`die_with_parent`), so a killed `up` leaves
+    nothing behind either."""
+
+    def __init__(self) -> None:
+        self._first: list[_Child] = []
+        self._last: list[_Child] = []
+
+    def add(
+        self,
+        owner: subprocess.Popen[bytes] | _Server,
+        stop_signal: signal.Signals = signal.SIGTERM,
+        *,
+        group: bool = True,
+        last: bool = False,
+    ) -> None:
+        """Stop `owner` with `stop_signal`; `last` ones (the broker) after all the others."""
+        (self._last if last else self._first).append(_Child(owner, stop_signal, group))
+
+    def stop(self) -> None:
+        """Signal every child at once, wait for them together until a deadline, then kill
+        their process groups: stragglers, and what a child left behind. Another Ctrl-C or
+        SIGTERM meanwhile kills them at once (rather than abandoning the stop halfway)."""
+        hurry: list[int] = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, _frame: hurry.append(signum))
+        _stop_together(self._first, STOP_GRACE_S, hurry)
+        # Not hurried: the broker takes under a second to flush what it holds.
+        _stop_together(self._last, BROKER_GRACE_S, [])
+
+
+def _stop_together(children: list[_Child], grace_s: float, hurry: list[int]) -> None:
+    started = [(c, p) for c in children if (p := c.process) is not None]
+    for child, process in started:
+        if process.poll() is None:
+            if child.group:
+                _signal_group(process, child.stop_signal)
+            else:
+                process.send_signal(child.stop_signal)
+    deadline = time.monotonic() + grace_s
+    while (
+        time.monotonic() < deadline
+        and not hurry
+        and any(process.poll() is None for _, process in started)
+    ):
+        time.sleep(0.1)
+    for _, process in started:
+        # Even when the leader is gone: its group may still hold processes it started.
+        _signal_group(process, signal.SIGKILL)
+    for _, process in started:
+        with suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=5)
+
+
+def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    # The group keeps the leader's id while any member lives, so the id cannot be reused.
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, sig)
 
 
 def _stop_on_signals() -> None:
@@ -111,7 +194,7 @@ def up(
         ensure_webhook_secret,
     )
     from services.models import Project
-    from services.servers import RedisServer
+    from services.servers import RedisServer, die_with_parent
 
     base = get_settings()
     data_dir = base.data_dir.expanduser().resolve()
@@ -138,6 +221,8 @@ def up(
     logs.mkdir(exist_ok=True)
     _stop_on_signals()
     with ExitStack() as cleanup:
+        children = _Children()
+        cleanup.callback(children.stop)
         label_studio_url = None
         if with_label_studio:
             from labeling.label_studio.server import (
@@ -153,10 +238,11 @@ def up(
                 ensure_installed(default_cache_dir()),
                 port=label_studio_port,
                 data_dir=data_dir / "label-studio",
+                owned=True,
             )
             console.print(f"Label Studio: starting on {server.url} (about a minute the first time)")
+            children.add(server)  # before it starts: Ctrl-C may come while it does
             server.start()
-            cleanup.callback(server.stop)
             provide_secret(LABEL_STUDIO_TOKEN_ENV, server.credentials.token)
             label_studio_url = server.url
         if demo:
@@ -182,9 +268,9 @@ def up(
         broker = redis_url_from_environment()
         broker_note = f"REDIS_URL ({broker})" if broker else ""
         if broker is None and shutil.which("redis-server"):
-            redis_server = RedisServer(data_dir / "redis", append_only=True)
+            redis_server = RedisServer(data_dir / "redis", append_only=True, owned=True)
+            children.add(redis_server, last=True)
             redis_server.start()
-            cleanup.callback(redis_server.stop)
             broker = redis_server.url
             broker_note = (
                 f"a private redis-server on 127.0.0.1:{redis_server.port} "
@@ -193,7 +279,7 @@ def up(
         api_url = f"http://127.0.0.1:{port}"
         if broker is not None:
             environment = child_environment(settings.model_copy(update={"broker_url": broker}))
-            children = []
+            processes = []
             for name, args in (
                 ("api", ["api", "--port", str(port)]),
                 (
@@ -207,15 +293,25 @@ def up(
                     env=environment,
                     stdout=(logs / f"{name}.log").open("ab"),
                     stderr=subprocess.STDOUT,
+                    # Its own group: the terminal's Ctrl-C reaches `up` alone, which stops the
+                    # children together. SIGKILLed when `up` dies: what they do is in the
+                    # database and the broker (and a worker's pool processes die with it).
+                    start_new_session=True,
+                    preexec_fn=die_with_parent(signal.SIGKILL),
                 )
-                cleanup.callback(_stop, child)
-                children.append(child)
-            _wait_until_healthy(f"{api_url}/api/v1/health", children, timeout_s=60)
+                if name == "worker":
+                    # A cold shutdown: a warm one waits for a training to finish, and acks_late
+                    # puts the interrupted task back on the queue.
+                    children.add(child, signal.SIGQUIT, group=False)
+                else:
+                    children.add(child)
+                processes.append(child)
+            _wait_until_healthy(f"{api_url}/api/v1/health", processes, timeout_s=60)
             _summary(settings, api_url, token_file, created_token, broker_note, label_studio_url)
             try:
-                while all(child.poll() is None for child in children):
+                while all(process.poll() is None for process in processes):
                     time.sleep(0.5)
-                failed = [c for c in children if c.poll() is not None]
+                failed = [p for p in processes if p.poll() is not None]
                 console.print(f"[bold red]{_name(failed[0])} exited; see {logs}[/]")
                 raise typer.Exit(1)
             except KeyboardInterrupt:
@@ -233,6 +329,10 @@ def up(
             )
             _serve_in_process(in_process, engine, port)
     engine.dispose()
+    # All stopped; what is left is the interpreter's exit, whose last garbage collections over
+    # the objects of torch and scikit-learn (imported for the demo) took about 3 s of a 7-8 s
+    # Ctrl-C. Nothing needs collecting any more: exclude them all.
+    gc.freeze()
 
 
 def _serve_in_process(settings: Settings, engine: sa.Engine, port: int) -> None:
