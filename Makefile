@@ -39,7 +39,7 @@ architecture: install
 	$(VENV)/bin/vulture services workers labeling tests --min-confidence 100
 
 pytest: install
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest --durations=25
 
 test: lint typecheck architecture pytest
 

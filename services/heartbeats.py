@@ -19,13 +19,20 @@ QUEUES = (GPU_QUEUE, IO_QUEUE)
 HEARTBEAT_INTERVAL_S = 5.0
 
 
-def record_heartbeat(engine: sa.Engine, name: str, queues: Sequence[str], pid: int) -> None:
-    """Say `name` (a Celery node name) consumes `queues` now."""
+def record_heartbeat(
+    engine: sa.Engine,
+    name: str,
+    queues: Sequence[str],
+    pid: int,
+    *,
+    at: datetime | None = None,
+) -> None:
+    """Say `name` (a Celery node name) consumed `queues` at `at` (default now)."""
     with session_scope(engine) as session:
         row = session.get(WorkerHeartbeat, name) or WorkerHeartbeat(name=name, queues="", pid=pid)
         row.queues = ",".join(sorted(queues))[:400]
         row.pid = pid
-        row.beat_at = utcnow()
+        row.beat_at = at or utcnow()
         session.add(row)
 
 
