@@ -15,6 +15,7 @@ from services import db
 from services.api.app import create_app
 from services.config import Settings
 from services.cycle.flow import Stage, Step
+from services.cycle.runner import drain
 from services.cycle.stages import run_step
 from services.cycle.start import start_cycle
 from services.cycle.trigger import maybe_start_cycle
@@ -55,13 +56,14 @@ def test_a_failing_training_shows_its_last_error_and_attempt(
     # Once the store takes it again, the next attempt finishes; the error stays as history.
     blocked.unlink()
     time.sleep(2.5)  # the failed attempt's lease runs out (recovery would then send it again)
-    run_step(engine, settings, Step(Stage.TRAIN, cycle_id))
+    following = run_step(engine, settings, Step(Stage.TRAIN, cycle_id))
     seen = through_the_api(engine, settings, project.name, cycle_id)
     assert seen["state"] != "training" and seen["train_attempts"] == 2
     assert seen["last_error"].startswith("train (attempt 1): ")
     # Finish it: a half-done cycle in the shared PostgreSQL database is work for other tests'
     # recovery passes.
-    run_stages(engine, cycle_id, settings)
+    drain(engine, settings, following)
+    assert through_the_api(engine, settings, project.name, cycle_id)["state"] == "done"
 
 
 def through_the_api(
