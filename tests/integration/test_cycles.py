@@ -234,13 +234,19 @@ def test_recovery_reenqueues_expired_leases_and_fails_after_the_attempt_limit(
     with db.session_scope(engine) as session:
         claimed = claim_chunk(session, chunks[0], "dead-worker", settings)
     assert claimed == 1
+    # Recovery looks at every cycle in the database, and on PostgreSQL that database is shared
+    # with other tests: judge what it decides for this test's own cycle.
+
+    def ours(ids: list[int]) -> list[int]:
+        return [chunk_id for chunk_id in ids if chunk_id in chunks]
+
     soon = utcnow() + timedelta(seconds=1)
-    assert recover.recover_stalled(engine, settings, now=soon).chunk_ids == []  # lease still live
+    assert ours(recover.recover_stalled(engine, settings, now=soon).chunk_ids) == []  # live lease
     later = utcnow() + timedelta(seconds=10)
     expired = recover.recover_stalled(engine, settings, now=later, stale_s=3600)
-    assert expired.chunk_ids == [chunks[0]]
+    assert ours(expired.chunk_ids) == [chunks[0]]
     # Pending chunks untouched for a lease may have lost their message: enqueued again too.
-    assert recover.recover_stalled(engine, settings, now=later).chunk_ids == chunks
+    assert ours(recover.recover_stalled(engine, settings, now=later).chunk_ids) == chunks
     with db.session_scope(engine) as session:
         session.execute(
             sa.update(ScoreChunk)
@@ -248,7 +254,7 @@ def test_recovery_reenqueues_expired_leases_and_fails_after_the_attempt_limit(
             .values(attempts=2, lease_expires_at=utcnow() - timedelta(seconds=1))
         )
     recovery = recover.recover_stalled(engine, settings)
-    assert recovery.failed_cycle_ids == [cycle_id]
+    assert cycle_id in recovery.failed_cycle_ids
     failed = cycle_row(engine, cycle_id)
     assert failed.state == "failed"
     assert "gave up after 2 attempts" in (failed.failure_reason or "")
