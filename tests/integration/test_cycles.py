@@ -238,7 +238,8 @@ def test_recovery_reenqueues_expired_leases_and_fails_after_the_attempt_limit(
     # with other tests: judge what it decides for this test's own cycle.
 
     def ours(ids: list[int]) -> list[int]:
-        return [chunk_id for chunk_id in ids if chunk_id in chunks]
+        # Sorted: PostgreSQL returns updated rows in no fixed order.
+        return sorted(chunk_id for chunk_id in ids if chunk_id in chunks)
 
     soon = utcnow() + timedelta(seconds=1)
     assert ours(recover.recover_stalled(engine, settings, now=soon).chunk_ids) == []  # live lease
@@ -246,7 +247,7 @@ def test_recovery_reenqueues_expired_leases_and_fails_after_the_attempt_limit(
     expired = recover.recover_stalled(engine, settings, now=later, stale_s=3600)
     assert ours(expired.chunk_ids) == [chunks[0]]
     # Pending chunks untouched for a lease may have lost their message: enqueued again too.
-    assert ours(recover.recover_stalled(engine, settings, now=later).chunk_ids) == chunks
+    assert ours(recover.recover_stalled(engine, settings, now=later).chunk_ids) == sorted(chunks)
     with db.session_scope(engine) as session:
         session.execute(
             sa.update(ScoreChunk)
