@@ -23,6 +23,10 @@ from services.config import process_environment
 from services.servers import die_with_parent
 
 LABEL_STUDIO_VERSION = "1.23.2"
+# Seconds Label Studio waits for a webhook's answer (its default: 1). It sends webhooks inside
+# the annotator's submit and never retries one, so a busy API past 1 s lost the event until the
+# next reconciliation; 5 s rides out a busy moment while still bounding the annotator's wait.
+WEBHOOK_TIMEOUT_S = "5"
 
 
 def default_cache_dir() -> Path:
@@ -97,6 +101,7 @@ class LocalLabelStudio:
             LABEL_STUDIO_BASE_DATA_DIR=str(self.data_dir),
             # Webhooks go to focalloop's API, which is on loopback or a private network.
             SSRF_PROTECTION_ENABLED="false",
+            WEBHOOK_TIMEOUT=WEBHOOK_TIMEOUT_S,
             LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED="false",
         )
         log = (self.data_dir / "label-studio.log").open("ab")

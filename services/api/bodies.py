@@ -6,29 +6,40 @@ a stalled server or a stored event nothing can apply."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Label Studio's deepest webhook body is about six levels; 64 leaves room for any real payload
 # while staying far below the recursion any JSON writer or database meets.
 MAX_JSON_DEPTH = 64
 
+log = logging.getLogger(__name__)
+
 
 async def read_capped(request: Request, limit: int) -> bytes:
-    """The body's bytes; 413 as soon as it (declared or streamed) exceeds `limit` bytes."""
+    """The body's bytes; 413 as soon as it (declared or streamed) exceeds `limit` bytes; 400
+    when the client hangs up before sending all of it."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"body larger than {limit} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > limit:
-            raise HTTPException(413, f"body larger than {limit} bytes")
+    try:
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > limit:
+                raise HTTPException(413, f"body larger than {limit} bytes")
+    except ClientDisconnect:
+        # Label Studio gives up on a webhook after its WEBHOOK_TIMEOUT: the event is not
+        # stored, and the next reconciliation finds it. A warning, not a 500's traceback.
+        log.warning("%s: the client hung up before its body arrived", request.url.path)
+        raise HTTPException(400, "the client hung up before its body arrived") from None
     return bytes(body)
 
 

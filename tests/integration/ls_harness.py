@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 import pytest
 import sqlalchemy as sa
 import uvicorn
-from fastapi import FastAPI
 from sqlmodel import col, func, select
+from starlette.types import ASGIApp
 
 from labeling.label_studio.gateway import LabelStudioGateway
 from labeling.label_studio.server import LocalLabelStudio, default_cache_dir, ensure_installed
@@ -56,10 +56,10 @@ def annotator(label_studio: LocalLabelStudio, ls_token: str) -> LabelStudioGatew
 
 
 class ApiServer:
-    """Our FastAPI app under a real uvicorn server in a thread; stop() and start() again
-    simulate the API being down."""
+    """Our app (FastAPI, or a wrapper around it) under a real uvicorn server in a thread;
+    stop() and start() again simulate the API being down."""
 
-    def __init__(self, make_app: Callable[[], FastAPI], port: int) -> None:
+    def __init__(self, make_app: Callable[[], ASGIApp], port: int) -> None:
         self.make_app = make_app
         self.port = port
         self._server: uvicorn.Server | None = None
@@ -89,7 +89,7 @@ class ApiServer:
             self._server = None
 
 
-def api_server(make_app: Callable[[], FastAPI], port: int) -> Iterator[ApiServer]:
+def api_server(make_app: Callable[[], ASGIApp], port: int) -> Iterator[ApiServer]:
     server = ApiServer(make_app, port)
     server.start()
     yield server

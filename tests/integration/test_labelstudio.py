@@ -2,6 +2,7 @@
 uvicorn server: hand-off, webhooks, sync after downtime, deletions, rejected labels, reviews,
 media links."""
 
+import asyncio
 from datetime import timedelta
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from sqlmodel import select
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from labeling.label_studio import hand_off as ls_hand_off
 from labeling.label_studio import link, sync
@@ -413,6 +415,48 @@ def test_sync_after_api_downtime_and_deletion_reaches_the_next_version(
             assert external not in labeled
         else:
             assert labeled[external] == label
+
+
+def test_an_api_busy_for_two_seconds_still_receives_the_event(
+    sqlite_engine: sa.Engine,
+    ls_settings: Settings,
+    label_studio: LocalLabelStudio,
+    annotator: LabelStudioGateway,
+    api_port: int,
+    digits: Digits,
+    tmp_path: Path,
+) -> None:
+    """Label Studio waits 1 s for a webhook's answer by default and never retries: an API busy
+    for longer before it read the body lost the event until the next reconciliation (seen in
+    CI on a loaded machine). The Label Studio we start waits 5 s (WEBHOOK_TIMEOUT)."""
+    stalls: list[float] = []
+
+    def stalling_app() -> ASGIApp:
+        app = create_app(ls_settings, engine=sqlite_engine)
+
+        async def stall_webhooks(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http" and scope["path"] == "/api/v1/webhooks/label-studio":
+                stalls.append(2.0)
+                await asyncio.sleep(2.0)  # busy elsewhere: the database, the thread pool
+            await app(scope, receive, send)
+
+        return stall_webhooks
+
+    server = ApiServer(stalling_app, api_port)
+    server.start()
+    try:
+        project = make_digits_project(
+            sqlite_engine, ls_settings, digits, tmp_path / "p", n_items=120
+        )
+        connect(sqlite_engine, project.name, label_studio, ls_settings)
+        first_cycle(sqlite_engine, project.name, ls_settings)
+        task = tasks_of(sqlite_engine, project.name)[0]
+        annotator.annotate(int(task.external_task_id or 0), "eight", modality="features")
+        project_id = project_id_of(sqlite_engine, project.name)
+        wait_for(lambda: inbox_count(sqlite_engine, project_id) == 1, what="the slow webhook")
+        assert stalls == [2.0]
+    finally:
+        server.stop()
 
 
 # ------------------------------------------------------------------------------------ review

@@ -3,19 +3,26 @@ parsed, whether its length is declared or streamed; malformed JSON is a 400; a 4
 was wrong without echoing the input back. Before these limits a 98 MB predict body from a
 read-scope token stalled the API for a minute and its 422 sent all of it back."""
 
+import logging
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
+from sqlmodel import col, func, select
 
 from services import db
 from services.api.app import create_app
 from services.config import Settings
-from services.projects import ProjectSpec, create_project
+from services.models import InboxEvent
+from services.projects import ProjectSpec, create_project, get_project
 from tests.integration.api_harness import Api
 from tests.integration.conftest import free_port, unique_name
+from tests.integration.ls_harness import ApiServer, wait_for
 
 MIB = 1024 * 1024
 
@@ -136,3 +143,40 @@ def test_nan_in_predict_rows_is_refused_by_name(api: Api, project: str) -> None:
         "msg": "Input should be a finite number",
         "type": "finite_number",
     }
+
+
+def test_a_client_hanging_up_mid_body_is_a_warning_and_stores_nothing(
+    engine: sa.Engine, settings: Settings, project: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Label Studio hangs up when a webhook's answer takes past its timeout; that used to be
+    # a 500's traceback ("Exception in ASGI application") in the API's log.
+    secret = "hang-up-secret"
+    settings = settings.model_copy(
+        update={
+            "webhook_secret": SecretStr(secret),
+            "broker_url": f"redis://127.0.0.1:{free_port()}/0",
+        }
+    )
+    server = ApiServer(lambda: create_app(settings, engine=engine), free_port())
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as connection:
+            connection.sendall(
+                f"POST /api/v1/webhooks/label-studio?project={project} HTTP/1.1\r\n"
+                f"Host: 127.0.0.1\r\nX-Focalloop-Secret: {secret}\r\n"
+                "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+                '{"action": "ANNOTATION_CREATED", '.encode()
+            )
+        wait_for(
+            lambda: any("hung up" in record.getMessage() for record in caplog.records),
+            timeout_s=10,
+            what="the hang-up warning",
+        )
+        assert httpx.get(f"{server.url}/api/v1/health").status_code == 200
+    finally:
+        server.stop()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    with db.session_scope(engine) as session:
+        project_id = get_project(session, project).id
+        stored = select(func.count()).where(col(InboxEvent.project_id) == project_id)
+        assert session.exec(stored).one() == 0

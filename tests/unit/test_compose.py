@@ -95,3 +95,9 @@ def test_dockerfile_installs_the_project_and_its_migrations() -> None:
     dockerfile = (ROOT / "infra" / "Dockerfile").read_text()
     for needed in ("COPY services", "COPY workers", "COPY infra/migrations", "pip install -e ."):
         assert needed in dockerfile
+
+
+def test_label_studio_waits_long_enough_for_a_webhook_answer() -> None:
+    # Label Studio's default is 1 s with no retry: a busy api lost events until reconciliation.
+    environment = compose()["services"]["label-studio"]["environment"]
+    assert float(environment["WEBHOOK_TIMEOUT"]) >= 5
