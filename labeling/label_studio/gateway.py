@@ -32,6 +32,11 @@ WEBHOOK_ACTIONS = (
 )
 SECRET_HEADER = "X-Focalloop-Secret"
 HARDEST_FIRST_VIEW = "Hardest first (focalloop)"
+# The stream annotators get from "Label All Tasks". Sequential sampling follows the caller's
+# own Data Manager tab (a new annotator's default tab: task id order); uncertainty sampling
+# serves the tasks whose prediction carries the project's model version by ascending score,
+# for every user. focalloop gives every open task such a prediction at each hand-off.
+HARDEST_FIRST_SAMPLING = "Uncertainty sampling"
 LIST_PAGE_SIZE = 1000
 
 
@@ -68,6 +73,8 @@ class LabelStudioGateway:
 
     def __init__(self, url: str, token: str, *, timeout_s: float = 60.0) -> None:
         self.url = url.rstrip("/")
+        self._token = token
+        self._timeout_s = timeout_s
         self._client = LabelStudio(  # type: ignore[no-untyped-call]
             base_url=self.url, api_key=token, timeout=timeout_s
         )
@@ -89,6 +96,7 @@ class LabelStudioGateway:
                 label_config=label_config,
                 description=description,
                 show_collab_predictions=True,
+                sampling=HARDEST_FIRST_SAMPLING,
                 request_options=self._once,
             ),
             "create a project",
@@ -107,6 +115,14 @@ class LabelStudioGateway:
         _call(
             lambda: self._client.projects.update(id=project_id, label_config=label_config),
             "update the label config",
+        )
+
+    def serve_hardest_first(self, project_id: int) -> None:
+        """Label Studio's "Label All Tasks" stream in hardest-first order (see
+        HARDEST_FIRST_SAMPLING); a project created before focalloop set it is switched."""
+        _call(
+            lambda: self._client.projects.update(id=project_id, sampling=HARDEST_FIRST_SAMPLING),
+            "set the project's sampling",
         )
 
     def set_model_version(self, project_id: int, model_version: str) -> None:
@@ -256,6 +272,30 @@ class LabelStudioGateway:
         return task.model_dump(mode="json")
 
     # ------------------------------------------------------- answering (what an annotator does)
+
+    def next_task(self, project_id: int) -> dict[str, Any] | None:
+        """The task "Label All Tasks" would open next for the token's user (Label Studio's own
+        sampling and locks decide), or None when nothing is left for them. The SDK has no call
+        for this endpoint."""
+
+        def ask() -> httpx.Response:
+            return httpx.get(
+                f"{self.url}/api/projects/{project_id}/next/",
+                headers={"Authorization": f"Token {self._token}"},
+                timeout=self._timeout_s,
+            )
+
+        response = _call(ask, "ask for the next task")
+        status = response.status_code
+        if status == 404:
+            return None
+        if status >= 400:
+            message = f"Label Studio refused the next task: HTTP {status}: {response.text[:300]}"
+            if status >= 500 or status in (408, 429):
+                raise TransientError(message)
+            raise InvalidInput(message)
+        task: dict[str, Any] = response.json()
+        return task
 
     def annotate(
         self, task_id: int, label: str | None, *, modality: str, cancelled: bool = False

@@ -11,9 +11,7 @@ from sqlmodel import Session, col, select
 
 from labeling.label_studio.gateway import LabelStudioGateway
 from labeling.label_studio.link import LabelStudioLink, gateway
-from labeling.label_studio.payloads import (
-    prediction_payload,
-)
+from labeling.label_studio.payloads import prediction_payload, unanchored_prediction
 from labeling.label_studio.tasks import PushReport, push_pending
 from services.artifacts import model_version_name
 from services.config import Settings
@@ -69,8 +67,10 @@ def _cycle_scores(
 def _refresh_predictions(
     engine: sa.Engine, cycle_id: int, settings: Settings, remote: LabelStudioGateway
 ) -> int:
-    """Tasks still waiting for a label get this cycle's prediction in place of an older
-    model's, so the hardest-first order always reflects the current model."""
+    """Open tasks get this cycle's model version in place of an older one, so Label Studio's
+    stream (uncertainty sampling: the current version's predictions, ascending score) always
+    holds every open task in the current model's order: ordinary tasks with this cycle's
+    prediction, evaluation items and reviews with an unanchored one."""
     with session_scope(engine) as session:
         cycle = session.get(Cycle, cycle_id)
         assert cycle is not None
@@ -80,26 +80,37 @@ def _refresh_predictions(
         if cycle.model_version is None:
             return 0
         version = model_version_name(project, cycle.model_version)
-        stale = session.exec(
-            select(LabelTask)
+        stale = session.execute(
+            select(LabelTask, col(Item.eval_set))
             .join(Item, col(Item.id) == col(LabelTask.item_id))
             .where(
                 LabelTask.project_id == project.id,
-                LabelTask.kind == "label",
                 LabelTask.state == LabelTaskState.OPEN,
-                col(Item.status) == ItemStatus.QUEUED,
+                sa.or_(
+                    sa.and_(col(LabelTask.kind) == "label", col(Item.status) == ItemStatus.QUEUED),
+                    col(LabelTask.kind) == "review",
+                ),
                 sa.or_(
                     col(LabelTask.model_version).is_(None),
                     col(LabelTask.model_version) != version,
                 ),
             )
         ).all()
-        scores = _cycle_scores(session, project, cycle_id, {row.item_id for row in stale}, settings)
-        updates = [(row, scores[row.item_id]) for row in stale if row.item_id in scores]
+        anchored = [row for row, evaluation in stale if row.kind == "label" and not evaluation]
+        unanchored = [row for row, evaluation in stale if row.kind != "label" or evaluation]
+        scores = _cycle_scores(
+            session, project, cycle_id, {row.item_id for row in anchored}, settings
+        )
+        updates: list[tuple[LabelTask, tuple[str, float] | None]] = [
+            (row, scores[row.item_id]) for row in anchored if row.item_id in scores
+        ]
+        updates += [(row, None) for row in unanchored]
         predictions = [
             (
                 int(row.external_task_id or 0),
-                prediction_payload(prediction, version, modality=project.modality),
+                prediction_payload(prediction, version, modality=project.modality)
+                if prediction is not None
+                else unanchored_prediction(version),
             )
             for row, prediction in updates
         ]
@@ -114,11 +125,11 @@ def _refresh_predictions(
                     {
                         "id": row.id,
                         "model_version": version,
-                        "prediction_label": label,
-                        "prediction_score": probability,
+                        "prediction_label": prediction[0] if prediction else None,
+                        "prediction_score": prediction[1] if prediction else None,
                         "updated_at": now,
                     }
-                    for row, (label, probability) in updates
+                    for row, prediction in updates
                 ],
             )
     return len(updates)
@@ -134,6 +145,7 @@ def plan_hand_off(session: Session, cycle: Cycle, project: Project) -> int:
             col(CycleSelection.predicted_label),
             col(CycleSelection.probability),
             col(CycleSelection.model_version),
+            col(Item.eval_set),
         )
         .join(CycleSelection, col(CycleSelection.item_id) == col(Item.id))
         .where(
@@ -153,13 +165,21 @@ def plan_hand_off(session: Session, cycle: Cycle, project: Project) -> int:
         ).all()
     }
     planned = 0
-    for item_id, predicted, probability, model_version in rows:
+    for item_id, predicted, probability, model_version, evaluation in rows:
         task = existing.get(item_id)
         if task is not None:
             if task.state == LabelTaskState.OPEN:
                 transition_item(session, item_id, ItemStatus.QUEUED)
             continue
         has_prediction = predicted is not None and probability is not None
+        if evaluation:
+            # An evaluation item's task shows no model answer (it is there to judge the
+            # model); the cycle's version alone gives it the unanchored prediction that
+            # serves it first.
+            version = cycle.model_version
+            predicted = probability = None
+        else:
+            version = model_version if has_prediction else None
         session.add(
             LabelTask(
                 project_id=project.id or 0,
@@ -167,12 +187,10 @@ def plan_hand_off(session: Session, cycle: Cycle, project: Project) -> int:
                 kind="label",
                 cycle_id=cycle.id,
                 model_version=(
-                    model_version_name(project, int(model_version))
-                    if has_prediction and model_version is not None
-                    else None
+                    model_version_name(project, int(version)) if version is not None else None
                 ),
-                prediction_label=predicted if has_prediction else None,
-                prediction_score=float(probability) if has_prediction else None,
+                prediction_label=predicted,
+                prediction_score=float(probability) if probability is not None else None,
             )
         )
         planned += 1

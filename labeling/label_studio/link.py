@@ -135,6 +135,7 @@ def connect(
         if remote.project_exists(candidate):
             ls_project = candidate
             remote.set_label_config(candidate, config)
+            remote.serve_hardest_first(candidate)
     if ls_project is None:
         ls_project = remote.create_project(
             title=f"focalloop {project.name}",

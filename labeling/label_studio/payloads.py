@@ -64,10 +64,31 @@ def label_config(labels: Sequence[str], modality: str) -> str:
             "required": "true",
         },
     )
+    keys = hotkeys(labels)
     for label in labels:
         # ElementTree escapes quotes, ampersands and angle brackets in attribute values.
-        ET.SubElement(choices, "Choice", {"value": label})
+        attributes = {"value": label} | ({"hotkey": keys[label]} if label in keys else {})
+        ET.SubElement(choices, "Choice", attributes)
     return ET.tostring(view, encoding="unicode")
+
+
+# The keys Label Studio's editor hands out itself, in its order, when a choice names none.
+HOTKEY_POOL = "1234567890qwetasdfgzxcvbyiopjklnm"
+
+
+def hotkeys(labels: Sequence[str]) -> dict[str, str]:
+    """The key that selects each label: a one-digit label gets its own digit (left to Label
+    Studio, classes "0".."9" got keys 1..9 and 0, so pressing 3 chose "2"), every other label
+    the next free key of HOTKEY_POOL in order (1..9 first). Labels past the pool get none."""
+    keys = {label: label for label in labels if len(label) == 1 and label.isdigit()}
+    free = (key for key in HOTKEY_POOL if key not in keys.values())
+    for label in labels:
+        if label not in keys:
+            key = next(free, None)
+            if key is None:
+                break
+            keys[label] = key
+    return keys
 
 
 @dataclass(frozen=True)
@@ -76,7 +97,9 @@ class TaskSpec:
 
     media: the image URL (image projects) or the feature row as {name: value} (features).
     prediction: (label, score) where score is the model's probability of that label, so
-    ascending score = least confident = hardest; None when there is no model yet.
+    ascending score = least confident = hardest. None with a model_version: a task that must
+    not anchor its annotator on the model's answer (an evaluation item, a review), which gets
+    an empty prediction instead (see `unanchored_prediction`). None without one: no model yet.
     """
 
     item_id: int
@@ -110,7 +133,22 @@ def task_payload(spec: TaskSpec, modality: str) -> dict[str, Any]:
         payload["predictions"] = [
             prediction_payload(spec.prediction, spec.model_version, modality=modality)
         ]
+    elif spec.model_version is not None:
+        payload["predictions"] = [unanchored_prediction(spec.model_version)]
     return payload
+
+
+# The score of an unanchored prediction: below any probability, so Label Studio's uncertainty
+# sampling (ascending score) serves evaluation items and reviews before ordinary tasks, and the
+# promotion gate never waits for its evaluation labels.
+UNANCHORED_SCORE = 0.0
+
+
+def unanchored_prediction(model_version: str) -> dict[str, Any]:
+    """A prediction that selects nothing: the task shows no model answer (an evaluation item
+    must judge the model, a review must not push its suggestion), yet carries the current model
+    version and UNANCHORED_SCORE, which is what places it in Label Studio's stream."""
+    return {"model_version": model_version, "score": UNANCHORED_SCORE, "result": []}
 
 
 def prediction_payload(

@@ -123,9 +123,9 @@ def plan_reviews(
                 item_id=candidate.item_id,
                 kind="review",
                 cycle_id=cycle_id,
+                # No prediction: the suggestion is in the note, and nothing is pre-selected
+                # (a pre-selected suggestion is one click from overwriting a correct label).
                 model_version=model_version,
-                prediction_label=suggested,
-                prediction_score=candidate.given_probability,
                 note=(
                     f"Review: labeled {given!r}; the model suggests {suggested!r} "
                     f"(p={candidate.suggested_probability:.2f}; p({given!r})="

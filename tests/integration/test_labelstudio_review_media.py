@@ -116,6 +116,9 @@ def test_review_tasks_for_confidently_contradicted_labels(
     shown = remote[int(target.external_task_id or 0)]
     assert shown.kind == "review"
     assert "labeled 'eight'" in shown.raw["data"]["focalloop_note"]
+    assert "the model suggests 'other'" in shown.raw["data"]["focalloop_note"]
+    # The suggestion is text only: nothing is pre-selected (the prediction selects nothing).
+    assert [p["result"] for p in shown.raw["predictions"]] == [[]]
     assert item_of(sqlite_engine, target.item_id).status == ItemStatus.IN_REVIEW
     # The reviewer corrects the label: it replaces the old one, which stays in the history.
     project_id = project_id_of(sqlite_engine, name)

@@ -11,6 +11,7 @@ from labeling.label_studio.payloads import (
     TaskSpec,
     annotator_name,
     feature_row,
+    hotkeys,
     label_config,
     parse_annotation,
     parse_time,
@@ -31,6 +32,28 @@ def test_label_config_escapes_labels_and_names_the_object() -> None:
     assert image is not None and image.get("value") == "$image"
     table = ET.fromstring(label_config(["x", "y"], "features")).find("Table")
     assert table is not None and table.get("name") == "features"
+
+
+def _keys(config: str) -> dict[str, str | None]:
+    choices = ET.fromstring(config).find("Choices")
+    assert choices is not None
+    return {str(c.get("value")): c.get("hotkey") for c in choices}
+
+
+def test_digit_classes_get_their_own_digit() -> None:
+    # Left to Label Studio, "0".."9" got keys 1..9 and 0: pressing 3 labelled the item "2".
+    digits = [str(d) for d in range(10)]
+    assert _keys(label_config(digits, "image")) == {d: d for d in digits}
+
+
+def test_other_labels_get_one_to_nine_in_order_then_letters() -> None:
+    assert hotkeys(["cat", "dog"]) == {"cat": "1", "dog": "2"}
+    many = [f"class-{i}" for i in range(12)]
+    keys = _keys(label_config(many, "features"))
+    assert [keys[label] for label in many] == [*"1234567890", "q", "w"]
+    # A digit label keeps its digit; the others skip it.
+    assert hotkeys(["other", "8", "scratch"]) == {"8": "8", "other": "1", "scratch": "2"}
+    assert len(set(hotkeys([f"c{i}" for i in range(40)]).values())) == 33  # the pool's size
 
 
 @pytest.mark.parametrize(

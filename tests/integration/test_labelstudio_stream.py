@@ -1,0 +1,134 @@
+"""The stream annotators label from ("Label All Tasks", Label Studio's next-task endpoint),
+against a real Label Studio: evaluation items and reviews first, with nothing pre-selected,
+then every open task in ascending score of the current model, waiting tasks from an older batch
+included. Before, the stream followed task ids (sequential sampling): an older batch's tasks
+came first whatever the current model thought of them, and evaluation items arrived with the
+model's guess selected."""
+
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from labeling.label_studio.gateway import LabelStudioGateway
+from labeling.label_studio.server import LocalLabelStudio
+from services import db
+from services.config import Settings
+from services.cycle.trigger import maybe_start_cycle
+from services.models import Cycle, ItemStatus, LabelTask, LabelTaskState
+from tests.conftest import Digits
+from tests.integration.cycle_helpers import make_digits_project, run_stages
+from tests.integration.ls_harness import (
+    ApiServer,
+    annotator,
+    inbox_count,
+    label_studio,
+    ls_token,
+    wait_for,
+)
+from tests.integration.ls_project import (
+    api,
+    api_port,
+    broker,
+    connect,
+    first_cycle,
+    ingest_all,
+    item_of,
+    ls_settings,
+    project_id_of,
+    sqlite_engine,
+    tasks_of,
+    true_label,
+)
+
+__all__ = [
+    "annotator",
+    "api",
+    "api_port",
+    "broker",
+    "label_studio",
+    "ls_settings",
+    "ls_token",
+    "sqlite_engine",
+]  # fixtures, used by name
+
+
+def waiting_tasks(engine: sa.Engine, name: str) -> dict[int, LabelTask]:
+    """The project's tasks waiting for an answer (open, their item queued or in review), both
+    kinds, by Label Studio task id."""
+    rows = tasks_of(engine, name, "label") + tasks_of(engine, name, "review")
+    return {
+        int(row.external_task_id or 0): row
+        for row in rows
+        if row.state == LabelTaskState.OPEN
+        and item_of(engine, row.item_id).status in (ItemStatus.QUEUED, ItemStatus.IN_REVIEW)
+    }
+
+
+def test_label_all_tasks_serves_unanchored_tasks_then_hardest_first(
+    sqlite_engine: sa.Engine,
+    ls_settings: Settings,
+    label_studio: LocalLabelStudio,
+    annotator: LabelStudioGateway,
+    api: ApiServer,
+    digits: Digits,
+    tmp_path: Path,
+) -> None:
+    engine = sqlite_engine
+    project = make_digits_project(
+        engine,
+        ls_settings,
+        digits,
+        tmp_path / "p",
+        n_items=400,
+        batch_size=40,
+        retrain_min_new_labels=20,
+        gate={"eval_fraction": 0.1, "eval_batch_share": 0.25},
+    )
+    ls_project = connect(engine, project.name, label_studio, ls_settings)
+    first_cycle(engine, project.name, ls_settings)
+    first_batch = tasks_of(engine, project.name)
+    assert len(first_batch) == 40
+    # Answer 24 cold-start picks; the 10 evaluation picks (they come first) and 6 others wait.
+    for task in first_batch[10:34]:
+        external = item_of(engine, task.item_id).external_id
+        annotator.annotate(
+            int(task.external_task_id or 0), true_label(digits, external), modality="features"
+        )
+    project_id = project_id_of(engine, project.name)
+    wait_for(lambda: inbox_count(engine, project_id) == 24, what="24 webhooks")
+    ingest_all(engine)
+    second = maybe_start_cycle(engine, project.name, ls_settings)
+    assert second is not None and second.id is not None
+    run_stages(engine, second.id, ls_settings)
+    with db.session_scope(engine) as session:
+        trained = session.get(Cycle, second.id)
+        assert trained is not None and trained.model_version is not None
+
+    waiting = waiting_tasks(engine, project.name)
+    assert len(waiting) >= 56  # 16 from the first batch, 40 new (and any reviews)
+    unanchored = {
+        task_id
+        for task_id, row in waiting.items()
+        if row.kind == "review" or item_of(engine, row.item_id).eval_set
+    }
+    assert unanchored, "the first batch's evaluation picks should still be waiting"
+    for task_id in unanchored:
+        (prediction,) = annotator.task(task_id)["predictions"]
+        assert prediction["result"] == []  # nothing pre-selected
+    served: list[int] = []
+    while (next_task := annotator.next_task(ls_project)) is not None:
+        task_id = int(next_task["id"])
+        served.append(task_id)
+        assert len(served) <= len(waiting), "Label Studio served a task twice"
+        external = item_of(engine, waiting[task_id].item_id).external_id
+        annotator.annotate(task_id, true_label(digits, external), modality="features")
+    assert sorted(served) == sorted(waiting)
+    assert set(served[: len(unanchored)]) == unanchored
+    ordinary = served[len(unanchored) :]
+    scores = [float(waiting[task_id].prediction_score or 0) for task_id in ordinary]
+    assert scores == sorted(scores)
+    # The waiting tasks of the first batch are placed by the current model, not by their ids.
+    first_ids = {int(t.external_task_id or 0) for t in first_batch[:10] + first_batch[34:]}
+    first_ids -= unanchored
+    positions = [served.index(task_id) for task_id in first_ids]
+    assert max(positions) > min(served.index(i) for i in set(waiting) - first_ids - unanchored)
