@@ -11,8 +11,9 @@ from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     DotEnvSettingsSource,
@@ -140,6 +141,14 @@ class Settings(BaseSettings):
             "from the Label Studio server, without a trailing /api."
         ),
     )
+    label_studio_origins: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Origins (scheme://host[:port]) whose pages may load our image links, besides the "
+            "URL each connected project's Label Studio was connected with: the address "
+            "annotators' browsers use when it differs (a proxy, a published port). Never '*'."
+        ),
+    )
     webhook_secret: SecretStr | None = Field(
         default=None,
         description=(
@@ -201,6 +210,11 @@ class Settings(BaseSettings):
         ),
     )
 
+    @field_validator("label_studio_origins")
+    @classmethod
+    def _origins_only(cls, origins: list[str]) -> list[str]:
+        return [web_origin(origin, strict=True) for origin in origins]
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -224,6 +238,25 @@ class Settings(BaseSettings):
             return self.database_url
         path = self.data_dir.expanduser() / "focalloop.db"
         return f"sqlite:///{path}"
+
+
+def web_origin(url: str, *, strict: bool = False) -> str:
+    """The origin (scheme://host[:port], lower case, default port dropped) of an http(s) URL, as
+    a browser sends it in its Origin header. strict: `url` must be an origin already (no path,
+    query or credentials); ValueError otherwise, naming what is wrong."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http(s) origin such as http://127.0.0.1:8080")
+    if strict and (parts.path not in ("", "/") or parts.query or parts.fragment or parts.username):
+        raise ValueError(f"{url!r} is not an origin: no path, query or user allowed")
+    default_port = {"http": 80, "https": 443}[parts.scheme]
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{url!r} has a bad port") from None
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    suffix = f":{port}" if port is not None and port != default_port else ""
+    return f"{parts.scheme}://{host}{suffix}"
 
 
 def secret_from_environment(variable: str) -> SecretStr:

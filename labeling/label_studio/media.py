@@ -5,8 +5,8 @@ import hmac
 import time
 from urllib.parse import quote, urlencode
 
-from labeling.label_studio.link import LabelStudioLink, webhook_secret
-from services.config import Settings
+from labeling.label_studio.link import KIND, LabelStudioLink, webhook_secret
+from services.config import Settings, web_origin
 from services.datasets.store import StoreUrl, s3_client
 from services.errors import InvalidInput
 from services.models import (
@@ -35,6 +35,16 @@ def check_media_signature(
         raise InvalidInput("bad media link signature")
     if expires < time.time():
         raise InvalidInput("media link expired")
+
+
+def media_origins(project: Project, settings: Settings) -> set[str]:
+    """The origins whose pages may read the project's media links (the CORS grant): the
+    origin of the Label Studio the project is connected to, plus `label_studio_origins`. Label
+    Studio loads task images with `crossorigin`, so without the grant a browser shows none."""
+    origins = set(settings.label_studio_origins)
+    if project.labeler.get("kind") == KIND and project.labeler.get("url"):
+        origins.add(web_origin(str(project.labeler["url"])))
+    return origins
 
 
 def media_url(project: Project, item: Item, link: LabelStudioLink, settings: Settings) -> str:

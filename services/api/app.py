@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from labeling.label_studio.events import store_webhook, webhook_project_id
-from labeling.label_studio.media import check_media_signature
+from labeling.label_studio.media import check_media_signature, media_origins
 from services import logs
 from services.api.bodies import BodyLimit, json_object, read_capped, validation_problems
 from services.api.metrics import metrics_registry
@@ -199,6 +199,7 @@ def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> FastAP
         },
     )
     def media(
+        request: Request,
         project: str,
         item_id: int,
         expires: Annotated[int, Query()],
@@ -216,6 +217,7 @@ def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> FastAP
             if item is None or owner is None or owner.name != project:
                 raise HTTPException(404, f"no item {item_id} in project {project!r}")
             uri, content_hash = item.uri, item.content_hash
+            origins = media_origins(owner, settings)
         # The uri was checked against the trusted roots when the item was registered; reading
         # it inside its own folder still refuses symlinks that lead elsewhere.
         folder = uri.rsplit("/", 1)[0]
@@ -226,7 +228,11 @@ def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> FastAP
         if sha256_hex(data) != content_hash:
             raise HTTPException(409, "the source file changed since it was registered")
         media_type = mimetypes.guess_type(uri)[0] or "application/octet-stream"
-        return Response(content=data, media_type=media_type)
+        # The grant names the asking origin only when it is the project's Label Studio (never
+        # '*'); Vary keeps a shared cache from handing one origin's answer to another.
+        origin = request.headers.get("origin")
+        granted = {"Access-Control-Allow-Origin": origin} if origin in origins else {}
+        return Response(content=data, media_type=media_type, headers={"Vary": "Origin"} | granted)
 
     # Domain errors map to their HTTP codes here and only here; anything else is a 500.
     @app.exception_handler(RequestValidationError)

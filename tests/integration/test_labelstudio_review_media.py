@@ -212,6 +212,14 @@ def test_task_image_links_serve_the_image_bytes(
             ).hexdigest()
         ), external
     if source == "local":
+        # Label Studio's page loads the image cross-origin: only its own origin is granted.
+        link = tasks[0].raw["data"]["image"]
+        granted = httpx.get(link, headers={"Origin": label_studio.url})
+        assert granted.headers["access-control-allow-origin"] == label_studio.url
+        assert granted.headers["vary"] == "Origin"
+        refused = httpx.get(link, headers={"Origin": "http://annotate.example.com"})
+        assert refused.status_code == 200
+        assert "access-control-allow-origin" not in refused.headers
         tampered = tasks[0].raw["data"]["image"].replace("signature=", "signature=0")[:-1]
         assert httpx.get(tampered).status_code in (403, 422)
         other_item = (

@@ -39,3 +39,11 @@ def test_child_environment_carries_exactly_these_settings(
         monkeypatch.setenv(key, value)
     rebuilt = Settings(_env_file=None)  # type: ignore[call-arg]
     assert rebuilt == settings.model_copy(update={"max_chunk_attempts": 5})
+
+
+def test_label_studio_origins_are_origins_and_never_a_wildcard() -> None:
+    settings = Settings(label_studio_origins=["HTTP://Annotate.Example.com:80/", "https://x:8443"])
+    assert settings.label_studio_origins == ["http://annotate.example.com", "https://x:8443"]
+    for bad in ["*", "http://x/path", "ftp://x", "http://user@x", "http://x:99999"]:
+        with pytest.raises(ValidationError):
+            Settings(label_studio_origins=[bad])
