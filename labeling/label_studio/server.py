@@ -1,15 +1,22 @@
 """A local Label Studio server: installed into its own cached virtualenv (never the project's:
-it pins dozens of packages) and started on a loopback port with a fixed admin user and token.
+it pins dozens of packages) and started on a loopback port with an admin user whose password and
+token are random per data directory (kept in a file only its owner can read).
 
-Used by the integration tests, the `bench push` benchmark and local runs. Label Studio must be
-allowed to call webhooks on loopback (`SSRF_PROTECTION_ENABLED=false`), and the fixed token is
-accepted only with `--enable-legacy-api-token`.
+Used by the integration tests, the `bench push` benchmark and `focalloop up`. Label Studio must
+be allowed to call webhooks on loopback (`SSRF_PROTECTION_ENABLED=false`), and a token we choose
+is accepted only with `--enable-legacy-api-token`. Safe by default: it listens on 127.0.0.1 only
+(Label Studio binds 0.0.0.0 unless given `--internal-host`; its `--host` is the public URL, not
+the address), the credentials reach it through its environment (never the command line, which
+`ps` shows), and its error reporting (Sentry), usage analytics and update check are off.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
+import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -22,6 +29,7 @@ import httpx
 from services.config import process_environment
 from services.servers import die_with_parent
 
+log = logging.getLogger(__name__)
 LABEL_STUDIO_VERSION = "1.23.2"
 # Seconds Label Studio waits for a webhook's answer (its default: 1). It sends webhooks inside
 # the annotator's submit and never retries one, so a busy API past 1 s lost the event until the
@@ -63,9 +71,52 @@ def ensure_installed(cache_dir: Path, *, version: str = LABEL_STUDIO_VERSION) ->
 
 @dataclass(frozen=True)
 class Credentials:
-    username: str = "admin@focalloop.local"
-    password: str = "focalloop-admin-password"
-    token: str = "focalloop0local0label0studio0token"
+    username: str
+    password: str
+    token: str
+
+    @classmethod
+    def generate(cls) -> Credentials:
+        # 40 hex characters: the shape of Label Studio's own tokens.
+        return cls("admin@focalloop.local", secrets.token_urlsafe(18), secrets.token_hex(20))
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> Credentials:
+        """The credentials kept in `path` (JSON), written first (mode 0600, never replaced:
+        Label Studio keeps the user it was first started with) when there are none."""
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fresh = cls.generate()
+            try:
+                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass  # another process wrote it first: read theirs
+            else:
+                with os.fdopen(descriptor, "w") as file:
+                    json.dump(fresh.__dict__, file)
+        data = json.loads(path.read_text())
+        return cls(str(data["username"]), str(data["password"]), str(data["token"]))
+
+
+CREDENTIALS_FILE = "focalloop-credentials.json"
+# What focalloop used before credentials were random. Label Studio applies a token only when it
+# creates its user, so a data directory made then keeps them (`local_credentials` warns).
+LEGACY_CREDENTIALS = Credentials(
+    "admin@focalloop.local", "focalloop-admin-password", "focalloop0local0label0studio0token"
+)
+
+
+def local_credentials(data_dir: Path) -> Credentials:
+    """The admin credentials of the Label Studio whose data lives in `data_dir`."""
+    path = data_dir / CREDENTIALS_FILE
+    if not path.exists() and (data_dir / "label_studio.sqlite3").exists():
+        log.warning(
+            "%s was made with focalloop's old published password and token: change the "
+            "password in Label Studio, or start from a new data directory",
+            data_dir,
+        )
+        return LEGACY_CREDENTIALS
+    return Credentials.load_or_create(path)
 
 
 class LocalLabelStudio:
@@ -86,7 +137,7 @@ class LocalLabelStudio:
         self.owned = owned
         self.port = port
         self.data_dir = data_dir
-        self.credentials = credentials or Credentials()
+        self.credentials = credentials or local_credentials(data_dir)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -103,6 +154,13 @@ class LocalLabelStudio:
             SSRF_PROTECTION_ENABLED="false",
             WEBHOOK_TIMEOUT=WEBHOOK_TIMEOUT_S,
             LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED="false",
+            LABEL_STUDIO_USERNAME=self.credentials.username,
+            LABEL_STUDIO_PASSWORD=self.credentials.password,
+            LABEL_STUDIO_USER_TOKEN=self.credentials.token,
+            SENTRY_DSN="",
+            FRONTEND_SENTRY_DSN="",
+            COLLECT_ANALYTICS="false",
+            LATEST_VERSION_CHECK="false",
         )
         log = (self.data_dir / "label-studio.log").open("ab")
         self.process = subprocess.Popen(
@@ -110,16 +168,10 @@ class LocalLabelStudio:
                 str(self.executable),
                 "start",
                 "--no-browser",
-                "--host",
+                "--internal-host",
                 "127.0.0.1",
                 "--port",
                 str(self.port),
-                "--username",
-                self.credentials.username,
-                "--password",
-                self.credentials.password,
-                "--user-token",
-                self.credentials.token,
                 "--enable-legacy-api-token",
             ],
             env=environment,

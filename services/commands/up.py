@@ -226,6 +226,7 @@ def up(
         label_studio_url = None
         if with_label_studio:
             from labeling.label_studio.server import (
+                LEGACY_CREDENTIALS,
                 LocalLabelStudio,
                 default_cache_dir,
                 ensure_installed,
@@ -241,6 +242,11 @@ def up(
                 owned=True,
             )
             console.print(f"Label Studio: starting on {server.url} (about a minute the first time)")
+            if server.credentials == LEGACY_CREDENTIALS:
+                console.print(
+                    "[yellow]Label Studio: this data directory was made with focalloop's old, "
+                    "published password: change it in Label Studio (Account & Settings)[/]"
+                )
             children.add(server)  # before it starts: Ctrl-C may come while it does
             server.start()
             provide_secret(LABEL_STUDIO_TOKEN_ENV, server.credentials.token)
@@ -380,9 +386,13 @@ def _summary(
     )
     console.print(f"  broker     {broker_note}")
     if label_studio_url is not None:
+        from labeling.label_studio.server import CREDENTIALS_FILE
+
+        credentials = settings.data_dir.expanduser().resolve() / "label-studio" / CREDENTIALS_FILE
         console.print(
-            f"  labeling   Label Studio at {label_studio_url} (admin@focalloop.local / "
-            "focalloop-admin-password): project digits, tab 'Hardest first (focalloop)'"
+            f"  labeling   Label Studio at {label_studio_url}, project digits: press "
+            f"'Label All Tasks' (hardest first); its admin user, password and API token are "
+            f"in {credentials} (readable by you only)"
         )
     else:
         console.print("  labeling   a simulated annotator answers the digits project's tasks")

@@ -1,6 +1,7 @@
 """`focalloop up` as a new user runs it: a fresh data dir, the digits demo, a model and its
 metrics visible through the API, and everything stopped by one signal."""
 
+import json
 import os
 import re
 import signal
@@ -86,9 +87,30 @@ def running(tmp_path: Path) -> Iterator[list[Up]]:
             up.process.wait()
 
 
-def _listening(port: int) -> bool:
+def _listening(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+        sock.settimeout(5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _command_lines() -> str:
+    """Every process's command line, as `ps` shows them to any user (read whole, untruncated)."""
+    lines = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            lines.append(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            continue  # the process ended meanwhile
+    return "\n".join(lines)
+
+
+def _non_loopback_address() -> str:
+    """This machine's address on its main network interface (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("10.255.255.255", 1))
+        address = str(probe.getsockname()[0])
+    assert not address.startswith("127."), "no non-loopback address to check binding against"
+    return address
 
 
 def _first_model(up: Up) -> dict[str, Any] | None:
@@ -151,10 +173,23 @@ def test_up_with_label_studio_puts_the_hardest_digits_in_front_of_a_person(
     project = up.get("/api/v1/projects/digits").json()
     assert project["labeler"] == "label_studio"
     from labeling.label_studio.gateway import LabelStudioGateway
-    from labeling.label_studio.server import Credentials
+    from labeling.label_studio.server import CREDENTIALS_FILE
 
+    # Random credentials, readable by their owner only; never on Label Studio's command line.
+    credentials_file = up.data / "label-studio" / CREDENTIALS_FILE
+    assert str(credentials_file) in up.text().replace("\n", "")
+    assert credentials_file.stat().st_mode & 0o077 == 0
+    credentials = json.loads(credentials_file.read_text())
+    assert credentials["password"] != "focalloop-admin-password"
+    command_lines = _command_lines()
+    assert "label-studio" in command_lines
+    assert credentials["password"] not in command_lines
+    assert credentials["token"] not in command_lines
+    # Label Studio listens on loopback only.
+    assert _listening(label_studio_port)
+    assert not _listening(label_studio_port, host=_non_loopback_address())
     gateway = LabelStudioGateway(
-        f"http://127.0.0.1:{label_studio_port}", Credentials().token, timeout_s=30
+        f"http://127.0.0.1:{label_studio_port}", credentials["token"], timeout_s=30
     )
     tasks = list(gateway.list_tasks(_label_studio_project_id(up)))
     assert len(tasks) == 20
