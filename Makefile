@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_CPU ?= torch==2.13.0
 STAMP := $(VENV)/.focalloop-installed
 
-.PHONY: install demo lint typecheck architecture pytest test clean
+.PHONY: install demo lint typecheck architecture browser pytest test clean
 
 install: $(STAMP)
 
@@ -38,10 +38,21 @@ architecture: install
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/vulture services workers labeling tests --min-confidence 100
 
+# The browser tests (tests/browser/) drive Debian's Chromium through Debian's chromedriver, so
+# selenium never downloads a driver. Installed here when missing and run as root (CI).
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends chromium chromium-driver; \
+	else \
+		echo "the browser tests need: sudo apt-get install chromium chromium-driver"; \
+	fi
+
 pytest: install
 	$(VENV)/bin/pytest --durations=25
 
-test: lint typecheck architecture pytest
+test: lint typecheck architecture browser pytest
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis demo-output bench-output

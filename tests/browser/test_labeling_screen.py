@@ -1,0 +1,221 @@
+"""Label Studio's labeling screen as an annotator meets it, in headless Chromium against a real
+Label Studio and our API: a second user (signed up through Label Studio's own page) presses
+"Label All Tasks" after a second batch arrived and the waiting tasks' predictions were
+refreshed. Each task's image loads; evaluation items come first with nothing pre-selected, then
+ascending score; a hotkey selects its label; Submit stores the label in our database; the
+browser console shows no error from our API's origin."""
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pyarrow as pa
+import sqlalchemy as sa
+from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.wait import WebDriverWait
+
+from labeling.label_studio.gateway import LabelStudioGateway
+from labeling.label_studio.server import LocalLabelStudio
+from services.config import Settings
+from services.cycle.trigger import maybe_start_cycle
+from services.local import write_demo_images
+from services.models import ItemStatus, LabelTask, LabelTaskState
+from services.projects import ProjectSpec
+from tests.browser.conftest import ARTIFACTS
+from tests.integration.conftest import unique_name
+from tests.integration.cycle_helpers import run_stages
+from tests.integration.ls_harness import (
+    ApiServer,
+    annotator,
+    inbox_count,
+    label_studio,
+    ls_token,
+    wait_for,
+)
+from tests.integration.ls_project import (
+    api,
+    api_port,
+    broker,
+    connect,
+    first_cycle,
+    ingest_all,
+    item_of,
+    ls_settings,
+    project_id_of,
+    register,
+    sqlite_engine,
+    tasks_of,
+)
+
+__all__ = [
+    "annotator",
+    "api",
+    "api_port",
+    "broker",
+    "label_studio",
+    "ls_settings",
+    "ls_token",
+    "sqlite_engine",
+]  # fixtures, used by name
+
+T = TypeVar("T")
+PASSWORD = "a-second-annotator-9271"
+SUBMIT = "button[aria-label='Submit current annotation']"
+
+
+def until(browser: webdriver.Chrome, what: str, check: Callable[[], T], timeout_s: float = 60) -> T:
+    """check()'s first truthy answer, polled; a screenshot and a clear failure otherwise."""
+    try:
+        return WebDriverWait(browser, timeout_s, poll_frequency=0.25).until(lambda _: check())
+    except WebDriverException:
+        browser.save_screenshot(str(ARTIFACTS / "timeout.png"))
+        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}") from None
+
+
+def sign_up(browser: webdriver.Chrome, url: str, email: str) -> None:
+    """A new annotator signs up on Label Studio's own page (Label Studio's user API takes no
+    password, so a person can only log in as a user made this way)."""
+    browser.delete_all_cookies()
+    browser.get(f"{url}/user/signup/")
+    until(browser, "the sign-up form", lambda: browser.find_elements(By.NAME, "email"))
+    browser.find_element(By.NAME, "email").send_keys(email)
+    browser.find_element(By.NAME, "password").send_keys(PASSWORD)
+    browser.find_element(By.CSS_SELECTOR, "button[type=submit], input[type=submit]").click()
+    until(browser, "the signed-in page", lambda: "/user/signup" not in browser.current_url)
+
+
+def console_entries(browser: webdriver.Chrome) -> list[dict[str, Any]]:
+    """The console entries since the last call (Chromium hands each out once)."""
+    entries: list[dict[str, Any]] = browser.get_log("browser")  # type: ignore[no-untyped-call]
+    return entries
+
+
+def current_task_id(browser: webdriver.Chrome) -> int | None:
+    text = browser.execute_script(
+        "const e = document.querySelector('.lsf-current-task__task-id');"
+        "return e && e.firstChild ? e.firstChild.textContent : null;"
+    )
+    return int(text) if text and str(text).strip().isdigit() else None
+
+
+def image_width(browser: webdriver.Chrome) -> int:
+    """The natural width of the task's image as the browser decoded it (0: not loaded)."""
+    widths = browser.execute_script(
+        "return Array.from(document.images).filter(i => i.src).map(i => i.naturalWidth)"
+    )
+    return max(widths, default=0)
+
+
+def checked_choices(browser: webdriver.Chrome) -> list[str]:
+    return [
+        str(element.get_attribute("name"))
+        for element in browser.find_elements(By.CSS_SELECTOR, "input.ant-radio-input")
+        if element.is_selected()
+    ]
+
+
+def test_an_annotator_labels_hardest_first_with_images_and_hotkeys(
+    sqlite_engine: sa.Engine,
+    ls_settings: Settings,
+    label_studio: LocalLabelStudio,
+    annotator: LabelStudioGateway,
+    api: ApiServer,
+    browser: webdriver.Chrome,
+    tmp_path: Path,
+) -> None:
+    engine = sqlite_engine
+    sources = tmp_path / "sources"
+    manifest, truth_table = write_demo_images(sources / "digits")
+    truth = dict(
+        zip(truth_table["item_id"].to_pylist(), truth_table["label"].to_pylist(), strict=True)
+    )
+    assert isinstance(truth_table, pa.Table)
+    name = unique_name("see")
+    register(
+        engine,
+        ls_settings,
+        ProjectSpec(
+            name=name,
+            labels=[str(digit) for digit in range(10)],
+            modality="image",
+            store_url=f"file://{tmp_path / 'store'}",
+            image_size=32,
+            image_channels=1,
+            batch_size=10,
+            retrain_min_new_labels=5,
+        ),
+        str(manifest),
+        f"file://{sources}",
+    )
+    ls_project = connect(engine, name, label_studio, ls_settings)
+    first_cycle(engine, name, ls_settings)
+    first_batch = tasks_of(engine, name)
+    # The admin answers 7 through the API; 3 wait, and the next cycle refreshes them.
+    for task in first_batch[:7]:
+        external = item_of(engine, task.item_id).external_id
+        annotator.annotate(int(task.external_task_id or 0), truth[external], modality="image")
+    project_id = project_id_of(engine, name)
+    wait_for(lambda: inbox_count(engine, project_id) == 7, what="7 webhooks")
+    ingest_all(engine)
+    second = maybe_start_cycle(engine, name, ls_settings)
+    assert second is not None and second.id is not None
+    run_stages(engine, second.id, ls_settings)
+    waiting: dict[int, LabelTask] = {
+        int(row.external_task_id or 0): row
+        for row in tasks_of(engine, name) + tasks_of(engine, name, "review")
+        if row.state == LabelTaskState.OPEN
+        and item_of(engine, row.item_id).status in (ItemStatus.QUEUED, ItemStatus.IN_REVIEW)
+    }
+    assert len(waiting) >= 13
+    assert all(row.model_version is not None for row in waiting.values())  # all refreshed
+
+    sign_up(browser, label_studio.url, f"{unique_name('annotator')}@example.com")
+    console_entries(browser)  # start the console record here
+    browser.get(f"{label_studio.url}/projects/{ls_project}/data?labeling=1")
+    served: list[int] = []
+    for _ in range(10):
+        task_id = until(
+            browser,
+            "the next task",
+            lambda: (t := current_task_id(browser)) is not None and t not in served and t,
+        )
+        assert isinstance(task_id, int)
+        assert task_id in waiting, f"task {task_id} is not one of ours waiting"
+        row = waiting[task_id]
+        until(browser, f"task {task_id}'s image", lambda: image_width(browser) > 0)
+        unanchored = row.prediction_label is None
+        if unanchored:
+            assert checked_choices(browser) == [], f"task {task_id} came with a choice selected"
+        label = truth[item_of(engine, row.item_id).external_id]
+        ActionChains(browser).send_keys(label).perform()  # the label's own hotkey
+        until(browser, f"hotkey {label}", lambda: checked_choices(browser) == [label])  # noqa: B023
+        if not served:
+            browser.save_screenshot(str(ARTIFACTS / "labeling-screen.png"))
+        browser.find_element(
+            By.CSS_SELECTOR, "button[aria-label='Submit current annotation']"
+        ).click()
+        served.append(task_id)
+    # Unanchored tasks (evaluation items, reviews) first, then ascending score.
+    kinds = [waiting[t].prediction_label is None for t in served]
+    assert kinds == sorted(kinds, reverse=True), kinds
+    assert 1 <= sum(kinds) <= 7, kinds  # some of each kind were served
+    scores = [float(waiting[t].prediction_score or 0) for t in served if not kinds[served.index(t)]]
+    assert scores == sorted(scores), scores
+    # Every submission reached our database, under the annotator who gave it.
+    before = 7
+    wait_for(lambda: inbox_count(engine, project_id) == before + 10, what="10 webhooks")
+    ingest_all(engine)
+    for task_id in served:
+        item = item_of(engine, waiting[task_id].item_id)
+        assert item.label == truth[item.external_id]
+        assert item.status == ItemStatus.LABELED
+    # No console error names our API (images, CORS).
+    ours = [
+        entry["message"]
+        for entry in console_entries(browser)
+        if entry["level"] == "SEVERE" and api.url in entry["message"]
+    ]
+    assert ours == []
