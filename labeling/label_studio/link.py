@@ -12,6 +12,7 @@ from labeling.label_studio.gateway import LabelStudioGateway
 from labeling.label_studio.payloads import (
     label_config,
 )
+from labeling.label_studio.server import kept_token
 from services.config import Settings, secret_from_environment
 from services.errors import InvalidInput
 from services.models import (
@@ -74,14 +75,24 @@ class LabelStudioLink:
         return {"kind": KIND, **{k: v for k, v in vars(self).items() if v is not None}}
 
 
+# `focalloop up` keeps the webhook secret it made here, under its data directory.
+KEPT_WEBHOOK_SECRET = "webhook-secret"
+
+
 def gateway(link: LabelStudioLink, settings: Settings) -> LabelStudioGateway:
+    """The link's Label Studio, with the token from the variable the link names or, when that
+    is unset, the one `focalloop up` keeps for its own Label Studio in the data directory."""
     try:
-        token = secret_from_environment(link.token_env)
+        token = secret_from_environment(link.token_env).get_secret_value()
     except KeyError as error:
-        raise InvalidInput(f"the Label Studio token: {error.args[0]}") from None
-    return LabelStudioGateway(
-        link.url, token.get_secret_value(), timeout_s=settings.label_studio_timeout_s
-    )
+        kept = kept_token(settings.data_dir)
+        if kept is None:
+            raise InvalidInput(
+                f"the Label Studio token: {error.args[0]} (and `focalloop up` keeps none "
+                f"in {settings.data_dir})"
+            ) from None
+        token = kept
+    return LabelStudioGateway(link.url, token, timeout_s=settings.label_studio_timeout_s)
 
 
 def webhook_url(settings: Settings, project_name: str) -> str:
@@ -89,11 +100,16 @@ def webhook_url(settings: Settings, project_name: str) -> str:
 
 
 def webhook_secret(settings: Settings) -> str:
-    if settings.webhook_secret is None or not settings.webhook_secret.get_secret_value():
-        raise InvalidInput(
-            "FOCALLOOP_WEBHOOK_SECRET is not set: Label Studio's webhooks could not be checked"
-        )
-    return settings.webhook_secret.get_secret_value()
+    """FOCALLOOP_WEBHOOK_SECRET or, when it is unset, the one `focalloop up` made and keeps in
+    the data directory (so commands run beside `up` agree with it)."""
+    if settings.webhook_secret is not None and settings.webhook_secret.get_secret_value():
+        return settings.webhook_secret.get_secret_value()
+    kept = settings.data_dir.expanduser() / KEPT_WEBHOOK_SECRET
+    if kept.is_file() and kept.read_text().strip():
+        return kept.read_text().strip()
+    raise InvalidInput(
+        "FOCALLOOP_WEBHOOK_SECRET is not set: Label Studio's webhooks could not be checked"
+    )
 
 
 def connect(

@@ -106,6 +106,17 @@ LEGACY_CREDENTIALS = Credentials(
 )
 
 
+# Where `focalloop up` keeps its Label Studio's data, under its own data directory.
+UP_LABEL_STUDIO_DIR = "label-studio"
+
+
+def kept_token(data_dir: Path) -> str | None:
+    """The API token of the Label Studio `focalloop up` runs with `data_dir`, or None when it
+    never ran one there: what other commands use when no token variable is set."""
+    path = data_dir.expanduser() / UP_LABEL_STUDIO_DIR / CREDENTIALS_FILE
+    return Credentials.load_or_create(path).token if path.is_file() else None
+
+
 def local_credentials(data_dir: Path) -> Credentials:
     """The admin credentials of the Label Studio whose data lives in `data_dir`."""
     path = data_dir / CREDENTIALS_FILE

@@ -177,6 +177,7 @@ def up(
     from pydantic import SecretStr
     from sqlmodel import select
 
+    from labeling.label_studio.link import KEPT_WEBHOOK_SECRET
     from labeling.label_studio.link import KIND as LABEL_STUDIO
     from labeling.label_studio.link import connect as connect_label_studio
     from services.config import (
@@ -203,7 +204,7 @@ def up(
     secret = (
         base.webhook_secret.get_secret_value()
         if base.webhook_secret
-        else ensure_webhook_secret(data_dir / "webhook-secret")
+        else ensure_webhook_secret(data_dir / KEPT_WEBHOOK_SECRET)
     )
     settings = base.model_copy(
         update={
@@ -227,6 +228,7 @@ def up(
         if with_label_studio:
             from labeling.label_studio.server import (
                 LEGACY_CREDENTIALS,
+                UP_LABEL_STUDIO_DIR,
                 LocalLabelStudio,
                 default_cache_dir,
                 ensure_installed,
@@ -238,7 +240,7 @@ def up(
             server = LocalLabelStudio(
                 ensure_installed(default_cache_dir()),
                 port=label_studio_port,
-                data_dir=data_dir / "label-studio",
+                data_dir=data_dir / UP_LABEL_STUDIO_DIR,
                 owned=True,
             )
             console.print(f"Label Studio: starting on {server.url} (about a minute the first time)")
@@ -386,9 +388,11 @@ def _summary(
     )
     console.print(f"  broker     {broker_note}")
     if label_studio_url is not None:
-        from labeling.label_studio.server import CREDENTIALS_FILE
+        from labeling.label_studio.server import CREDENTIALS_FILE, UP_LABEL_STUDIO_DIR
 
-        credentials = settings.data_dir.expanduser().resolve() / "label-studio" / CREDENTIALS_FILE
+        credentials = (
+            settings.data_dir.expanduser().resolve() / UP_LABEL_STUDIO_DIR / CREDENTIALS_FILE
+        )
         console.print(
             f"  labeling   Label Studio at {label_studio_url}, project digits: press "
             f"'Label All Tasks' (hardest first); its admin user, password and API token are "
