@@ -41,7 +41,7 @@ architecture: install
 # The browser tests (tests/browser/) drive Debian's Chromium through Debian's chromedriver, so
 # selenium never downloads a driver. Installed here when missing and run as root (CI).
 browser:
-	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			--no-install-recommends chromium chromium-driver; \

@@ -134,7 +134,9 @@ class LabelTaskState(StrEnum):
 
     PENDING = "pending"  # we intend to create it; not confirmed by the tool yet
     OPEN = "open"  # the tool confirmed it (and gave its id)
-    ANSWERED = "answered"  # a review task whose answer was ingested (it stops being open)
+    # An answer was ingested: it stops being open. A skip leaves a label task open (Label
+    # Studio serves it to another annotator); a deleted answer reopens it.
+    ANSWERED = "answered"
 
 
 class DatasetVersionState(StrEnum):

@@ -229,6 +229,7 @@ def apply_events(session: Session, events: Sequence[InboxEvent]) -> dict[int, Ev
     rows = record_annotations(session, answers)
     accepted: set[int] = set()
     reviews_answered: set[int] = set()
+    labels_answered: set[int] = set()
     for (event_id, task), row in zip(answered, rows, strict=True):
         if row is None:
             outcomes[event_id].duplicates += 1
@@ -237,6 +238,10 @@ def apply_events(session: Session, events: Sequence[InboxEvent]) -> dict[int, Ev
         accepted.add(task.item_id)
         if task.kind == "review":
             reviews_answered.add(task.id or 0)
+        elif not row.cancelled:
+            # Label Studio counts the task finished; a skip leaves it open there (its
+            # skip_queue, REQUEUE_FOR_OTHERS, serves it to another annotator), and here.
+            labels_answered.add(task.id or 0)
     now = utcnow()
     if flags:
         session.execute(
@@ -251,6 +256,16 @@ def apply_events(session: Session, events: Sequence[InboxEvent]) -> dict[int, Ev
             sa.update(Item)
             .where(col(Item.id).in_(sorted(accepted)), col(Item.label_issue).is_not(None))
             .values(label_issue=None)
+            .execution_options(synchronize_session=False)
+        )
+    if labels_answered:
+        session.execute(
+            sa.update(LabelTask)
+            .where(
+                col(LabelTask.id).in_(sorted(labels_answered)),
+                col(LabelTask.state) == LabelTaskState.OPEN,
+            )
+            .values(state=LabelTaskState.ANSWERED, updated_at=now)
             .execution_options(synchronize_session=False)
         )
     if reviews_answered:
@@ -297,6 +312,7 @@ def apply_events(session: Session, events: Sequence[InboxEvent]) -> dict[int, Ev
             source=SOURCE,
             external_ids=[a for _, a in pairs],
         )
+        reopen_unlabeled_tasks(session, project_id)
         for event_id, annotation_id in pairs:
             if annotation_id in new:
                 outcomes[event_id].stored += 1
@@ -305,6 +321,27 @@ def apply_events(session: Session, events: Sequence[InboxEvent]) -> dict[int, Ev
                 outcomes[event_id].duplicates += 1
     session.flush()
     return outcomes
+
+
+def reopen_unlabeled_tasks(session: Session, project_id: int) -> int:
+    """Label tasks marked answered whose item lost its label (its annotation was deleted in
+    Label Studio, which then serves the task again) are open again. Returns how many."""
+    result = session.execute(
+        sa.update(LabelTask)
+        .where(
+            col(LabelTask.project_id) == project_id,
+            col(LabelTask.kind) == "label",
+            col(LabelTask.state) == LabelTaskState.ANSWERED,
+            col(LabelTask.item_id).in_(
+                sa.select(col(Item.id)).where(
+                    col(Item.project_id) == project_id, col(Item.status) == ItemStatus.UNLABELED
+                )
+            ),
+        )
+        .values(state=LabelTaskState.OPEN, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
 @dataclass

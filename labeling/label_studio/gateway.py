@@ -132,6 +132,12 @@ class LabelStudioGateway:
             "set the project's model version",
         )
 
+    def task_counts(self, project_id: int) -> tuple[int, int]:
+        """(tasks, finished tasks) as Label Studio counts them: a task is finished once it has
+        a submitted answer; a skipped one is not (its skip_queue serves it again)."""
+        project = _call(lambda: self._client.projects.get(id=project_id), "read the project")
+        return int(project.task_number or 0), int(project.finished_task_number or 0)
+
     def model_version(self, project_id: int) -> str:
         project = _call(lambda: self._client.projects.get(id=project_id), "read the project")
         return str(project.model_version or "")
@@ -276,7 +282,8 @@ class LabelStudioGateway:
     def next_task(self, project_id: int) -> dict[str, Any] | None:
         """The task "Label All Tasks" would open next for the token's user (Label Studio's own
         sampling and locks decide), or None when nothing is left for them. The SDK has no call
-        for this endpoint."""
+        for this endpoint; the `Token` scheme is that of the legacy tokens focalloop's own Label
+        Studio uses (what `annotate` and friends stand in for: a person in the browser)."""
 
         def ask() -> httpx.Response:
             return httpx.get(

@@ -88,7 +88,10 @@ def _refresh_predictions(
                 LabelTask.state == LabelTaskState.OPEN,
                 sa.or_(
                     sa.and_(col(LabelTask.kind) == "label", col(Item.status) == ItemStatus.QUEUED),
-                    col(LabelTask.kind) == "review",
+                    sa.and_(
+                        col(LabelTask.kind) == "review",
+                        col(Item.status) == ItemStatus.IN_REVIEW,
+                    ),
                 ),
                 sa.or_(
                     col(LabelTask.model_version).is_(None),

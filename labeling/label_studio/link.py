@@ -5,6 +5,7 @@ labeling interface, our webhook and the hardest-first view."""
 import logging
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlmodel import Session
 
@@ -79,18 +80,26 @@ class LabelStudioLink:
 KEPT_WEBHOOK_SECRET = "webhook-secret"
 
 
+# The variable `focalloop up` hands its own Label Studio's token in.
+UP_TOKEN_ENV = "LABEL_STUDIO_TOKEN"
+
+
 def gateway(link: LabelStudioLink, settings: Settings) -> LabelStudioGateway:
     """The link's Label Studio, with the token from the variable the link names or, when that
-    is unset, the one `focalloop up` keeps for its own Label Studio in the data directory."""
+    is unset, the one `focalloop up` keeps for its own Label Studio in the data directory (only
+    for a link that could be `up`'s: its variable, a loopback URL; the local admin token is
+    never sent anywhere else)."""
     try:
         token = secret_from_environment(link.token_env).get_secret_value()
     except KeyError as error:
-        kept = kept_token(settings.data_dir)
+        host = urlsplit(link.url).hostname or ""
+        kept = (
+            kept_token(settings.data_dir)
+            if link.token_env == UP_TOKEN_ENV and host in ("127.0.0.1", "localhost", "::1")
+            else None
+        )
         if kept is None:
-            raise InvalidInput(
-                f"the Label Studio token: {error.args[0]} (and `focalloop up` keeps none "
-                f"in {settings.data_dir})"
-            ) from None
+            raise InvalidInput(f"the Label Studio token: {error.args[0]}") from None
         token = kept
     return LabelStudioGateway(link.url, token, timeout_s=settings.label_studio_timeout_s)
 

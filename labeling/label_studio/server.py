@@ -34,7 +34,7 @@ LABEL_STUDIO_VERSION = "1.23.2"
 # Seconds Label Studio waits for a webhook's answer (its default: 1). It sends webhooks inside
 # the annotator's submit and never retries one, so a busy API past 1 s lost the event until the
 # next reconciliation; 5 s rides out a busy moment while still bounding the annotator's wait.
-WEBHOOK_TIMEOUT_S = "5"
+WEBHOOK_TIMEOUT_S = 5
 
 
 def default_cache_dir() -> Path:
@@ -86,14 +86,18 @@ class Credentials:
         Label Studio keeps the user it was first started with) when there are none."""
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            fresh = cls.generate()
+            # Written whole under a private name, then linked into place: a reader never sees
+            # a half-written file, and of two processes racing, the first link wins.
+            draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+            descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as file:
+                json.dump(cls.generate().__dict__, file)
             try:
-                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                os.link(draft, path)
             except FileExistsError:
-                pass  # another process wrote it first: read theirs
-            else:
-                with os.fdopen(descriptor, "w") as file:
-                    json.dump(fresh.__dict__, file)
+                pass  # another process made it first: read theirs
+            finally:
+                draft.unlink()
         data = json.loads(path.read_text())
         return cls(str(data["username"]), str(data["password"]), str(data["token"]))
 
@@ -113,8 +117,9 @@ UP_LABEL_STUDIO_DIR = "label-studio"
 def kept_token(data_dir: Path) -> str | None:
     """The API token of the Label Studio `focalloop up` runs with `data_dir`, or None when it
     never ran one there: what other commands use when no token variable is set."""
-    path = data_dir.expanduser() / UP_LABEL_STUDIO_DIR / CREDENTIALS_FILE
-    return Credentials.load_or_create(path).token if path.is_file() else None
+    folder = data_dir.expanduser() / UP_LABEL_STUDIO_DIR
+    ran = (folder / CREDENTIALS_FILE).is_file() or (folder / "label_studio.sqlite3").is_file()
+    return local_credentials(folder).token if ran else None
 
 
 def local_credentials(data_dir: Path) -> Credentials:
@@ -122,8 +127,8 @@ def local_credentials(data_dir: Path) -> Credentials:
     path = data_dir / CREDENTIALS_FILE
     if not path.exists() and (data_dir / "label_studio.sqlite3").exists():
         log.warning(
-            "%s was made with focalloop's old published password and token: change the "
-            "password in Label Studio, or start from a new data directory",
+            "%s was made with focalloop's old published password and API token: change both "
+            "in Label Studio (Account & Settings), or start from a new data directory",
             data_dir,
         )
         return LEGACY_CREDENTIALS
@@ -163,7 +168,7 @@ class LocalLabelStudio:
             LABEL_STUDIO_BASE_DATA_DIR=str(self.data_dir),
             # Webhooks go to focalloop's API, which is on loopback or a private network.
             SSRF_PROTECTION_ENABLED="false",
-            WEBHOOK_TIMEOUT=WEBHOOK_TIMEOUT_S,
+            WEBHOOK_TIMEOUT=str(WEBHOOK_TIMEOUT_S),
             LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED="false",
             LABEL_STUDIO_USERNAME=self.credentials.username,
             LABEL_STUDIO_PASSWORD=self.credentials.password,

@@ -8,7 +8,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import col, select
 
-from labeling.label_studio.events import SYNC_ACTION, event_key, ingest_pending
+from labeling.label_studio.events import (
+    SYNC_ACTION,
+    event_key,
+    ingest_pending,
+    reopen_unlabeled_tasks,
+)
 from labeling.label_studio.gateway import RemoteTask
 from labeling.label_studio.link import SOURCE, LabelStudioLink, gateway
 from labeling.label_studio.payloads import (
@@ -119,6 +124,7 @@ def sync_annotations(engine: sa.Engine, project_name: str, settings: Settings) -
             withdrawn += withdraw_annotation(
                 session, project_id=project_id, source=SOURCE, external_id=external_id
             )
+        reopen_unlabeled_tasks(session, project_id)
         project = get_project(session, project_name, for_update=True)
         project.labeler = {**project.labeler, "last_sync_at": started.isoformat()}
         session.add(project)

@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from labeling.label_studio.events import store_webhook, webhook_project_id
+from labeling.label_studio.link import webhook_secret
 from labeling.label_studio.media import check_media_signature, media_origins
 from services import logs
 from services.api.bodies import BodyLimit, json_object, read_capped, validation_problems
@@ -162,7 +163,10 @@ def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> FastAP
         return answer
 
     async def receive(request: Request, project: str, secret: str | None) -> WebhookAnswer:
-        expected = settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""
+        try:
+            expected = webhook_secret(settings)  # the one `connect` registered with
+        except InvalidInput:
+            expected = ""
         given = secret or ""
         if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
             raise HTTPException(401, "missing or wrong X-Focalloop-Secret header")

@@ -177,7 +177,11 @@ def up(
     from pydantic import SecretStr
     from sqlmodel import select
 
-    from labeling.label_studio.link import KEPT_WEBHOOK_SECRET
+    from labeling.label_studio.link import (
+        DEFAULT_REVIEW_THRESHOLD,
+        DEFAULT_REVIEWS_PER_CYCLE,
+        KEPT_WEBHOOK_SECRET,
+    )
     from labeling.label_studio.link import KIND as LABEL_STUDIO
     from labeling.label_studio.link import connect as connect_label_studio
     from services.config import (
@@ -247,7 +251,8 @@ def up(
             if server.credentials == LEGACY_CREDENTIALS:
                 console.print(
                     "[yellow]Label Studio: this data directory was made with focalloop's old, "
-                    "published password: change it in Label Studio (Account & Settings)[/]"
+                    "published password and API token: change both in Label Studio (Account & "
+                    "Settings), or start from a new data directory[/]"
                 )
             children.add(server)  # before it starts: Ctrl-C may come while it does
             server.start()
@@ -260,18 +265,24 @@ def up(
                     connected = session.exec(
                         select(Project.labeler).where(Project.name == DEMO_PROJECT)
                     ).one()
-                if (
-                    connected.get("kind") != LABEL_STUDIO
-                    or connected.get("url") != label_studio_url
-                ):
-                    with session_scope(engine) as session:
-                        connect_label_studio(
-                            session,
-                            DEMO_PROJECT,
-                            url=label_studio_url,
-                            token_env=LABEL_STUDIO_TOKEN_ENV,
-                            settings=settings,
-                        )
+                # Connect on every start (it is safe to repeat): a data directory from an older
+                # focalloop gets the current labeling interface and hardest-first stream. The
+                # review settings a person chose stay as they were.
+                kept = connected if connected.get("kind") == LABEL_STUDIO else {}
+                with session_scope(engine) as session:
+                    connect_label_studio(
+                        session,
+                        DEMO_PROJECT,
+                        url=label_studio_url,
+                        token_env=LABEL_STUDIO_TOKEN_ENV,
+                        settings=settings,
+                        review_threshold=float(
+                            kept.get("review_threshold", DEFAULT_REVIEW_THRESHOLD)
+                        ),
+                        reviews_per_cycle=int(
+                            kept.get("reviews_per_cycle", DEFAULT_REVIEWS_PER_CYCLE)
+                        ),
+                    )
 
         broker = redis_url_from_environment()
         broker_note = f"REDIS_URL ({broker})" if broker else ""

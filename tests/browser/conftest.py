@@ -20,7 +20,8 @@ from tests.integration.conftest import (  # noqa: F401 (fixtures, found by name)
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
 CHROMIUM = "/usr/bin/chromium"
-# Screenshots and the console logs of failing and passing runs, kept for a person to look at.
+# Screenshots (the labeling screen, and the page at any wait that timed out), kept for a person
+# to look at.
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"
 
 

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import pyarrow as pa
 import sqlalchemy as sa
 from selenium import webdriver
-from selenium.common.exceptions import WebDriverException
+from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.wait import WebDriverWait
@@ -70,7 +70,7 @@ def until(browser: webdriver.Chrome, what: str, check: Callable[[], T], timeout_
     """check()'s first truthy answer, polled; a screenshot and a clear failure otherwise."""
     try:
         return WebDriverWait(browser, timeout_s, poll_frequency=0.25).until(lambda _: check())
-    except WebDriverException:
+    except TimeoutException:
         browser.save_screenshot(str(ARTIFACTS / "timeout.png"))
         raise AssertionError(f"timed out after {timeout_s} s waiting for {what}") from None
 
@@ -176,6 +176,7 @@ def test_an_annotator_labels_hardest_first_with_images_and_hotkeys(
     console_entries(browser)  # start the console record here
     browser.get(f"{label_studio.url}/projects/{ls_project}/data?labeling=1")
     served: list[int] = []
+    pressed = 0
     for _ in range(10):
         task_id = until(
             browser,
@@ -186,12 +187,14 @@ def test_an_annotator_labels_hardest_first_with_images_and_hotkeys(
         assert task_id in waiting, f"task {task_id} is not one of ours waiting"
         row = waiting[task_id]
         until(browser, f"task {task_id}'s image", lambda: image_width(browser) > 0)
-        unanchored = row.prediction_label is None
-        if unanchored:
-            assert checked_choices(browser) == [], f"task {task_id} came with a choice selected"
+        # Unanchored tasks open with nothing chosen; the others with the model's answer.
+        shown = [] if row.prediction_label is None else [row.prediction_label]
+        until(browser, f"task {task_id}'s choices", lambda: checked_choices(browser) == shown)  # noqa: B023
         label = truth[item_of(engine, row.item_id).external_id]
-        ActionChains(browser).send_keys(label).perform()  # the label's own hotkey
-        until(browser, f"hotkey {label}", lambda: checked_choices(browser) == [label])  # noqa: B023
+        if shown != [label]:  # a hotkey toggles: press it only to change the choice
+            ActionChains(browser).send_keys(label).perform()  # the label's own hotkey
+            until(browser, f"hotkey {label}", lambda: checked_choices(browser) == [label])  # noqa: B023
+            pressed += 1
         if not served:
             browser.save_screenshot(str(ARTIFACTS / "labeling-screen.png"))
         browser.find_element(
@@ -202,6 +205,7 @@ def test_an_annotator_labels_hardest_first_with_images_and_hotkeys(
     kinds = [waiting[t].prediction_label is None for t in served]
     assert kinds == sorted(kinds, reverse=True), kinds
     assert 1 <= sum(kinds) <= 7, kinds  # some of each kind were served
+    assert pressed >= sum(kinds)  # every unanchored task was labeled by its hotkey
     scores = [float(waiting[t].prediction_score or 0) for t in served if not kinds[served.index(t)]]
     assert scores == sorted(scores), scores
     # Every submission reached our database, under the annotator who gave it.

@@ -15,6 +15,8 @@ from services import db
 from services.config import Settings
 from services.cycle.trigger import maybe_start_cycle
 from services.models import Cycle, ItemStatus, LabelTask, LabelTaskState
+from services.projects import get_project
+from services.status import queue_status
 from tests.conftest import Digits
 from tests.integration.cycle_helpers import make_digits_project, run_stages
 from tests.integration.ls_harness import (
@@ -132,3 +134,46 @@ def test_label_all_tasks_serves_unanchored_tasks_then_hardest_first(
     first_ids -= unanchored
     positions = [served.index(task_id) for task_id in first_ids]
     assert max(positions) > min(served.index(i) for i in set(waiting) - first_ids - unanchored)
+
+
+def test_open_task_counts_agree_with_label_studios(
+    sqlite_engine: sa.Engine,
+    ls_settings: Settings,
+    label_studio: LocalLabelStudio,
+    annotator: LabelStudioGateway,
+    api: ApiServer,
+    digits: Digits,
+    tmp_path: Path,
+) -> None:
+    """Answered tasks leave "open"; a skipped one stays open (Label Studio serves it to another
+    annotator) and a deleted answer reopens its task, in our counts as in Label Studio's. Before,
+    label tasks never left "open": /queue counted every task ever handed off."""
+    engine = sqlite_engine
+    project = make_digits_project(engine, ls_settings, digits, tmp_path / "p", n_items=120)
+    ls_project = connect(engine, project.name, label_studio, ls_settings)
+    first_cycle(engine, project.name, ls_settings)
+    tasks = tasks_of(engine, project.name)
+    assert len(tasks) == 20
+    answers = [
+        annotator.annotate(int(task.external_task_id or 0), "other", modality="features")
+        for task in tasks[:6]
+    ]
+    for task in tasks[6:8]:
+        skipped = int(task.external_task_id or 0)
+        annotator.annotate(skipped, None, modality="features", cancelled=True)
+    for answer in answers[:2]:
+        annotator.delete_annotation(answer)
+    project_id = project_id_of(engine, project.name)
+    wait_for(lambda: inbox_count(engine, project_id) == 10, what="10 webhooks")
+    ingest_all(engine)
+    total, finished = annotator.task_counts(ls_project)
+    assert (total, finished) == (20, 4)
+    with db.session_scope(engine) as session:
+        status = queue_status(session, get_project(session, project.name))
+    assert status.open_label_tasks == total - finished
+    states = {int(t.external_task_id or 0): t.state for t in tasks_of(engine, project.name)}
+    assert [states[int(t.external_task_id or 0)] for t in tasks[:8]] == [
+        *[LabelTaskState.OPEN] * 2,  # answered, then deleted: open again
+        *[LabelTaskState.ANSWERED] * 4,
+        *[LabelTaskState.OPEN] * 2,  # skipped
+    ]

@@ -2,6 +2,7 @@
 across starts; a data directory made before (with the published ones) keeps those. Commands run
 beside `focalloop up` find its token and webhook secret in the data directory."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -55,15 +56,23 @@ def test_commands_beside_up_find_its_token_and_webhook_secret(
         view_id=1,
         media="auto",
     )
-    with pytest.raises(InvalidInput, match="keeps none"):
+    with pytest.raises(InvalidInput, match="LABEL_STUDIO_TOKEN is not set"):
         gateway(link, settings)
     with pytest.raises(InvalidInput, match="FOCALLOOP_WEBHOOK_SECRET"):
         webhook_secret(settings)
     kept = local_credentials(tmp_path / UP_LABEL_STUDIO_DIR)  # what `up` makes
     (tmp_path / KEPT_WEBHOOK_SECRET).write_text("kept-secret\n")
     assert kept_token(tmp_path) == kept.token
-    assert gateway(link, settings).url == "http://127.0.0.1:8080"
+    assert gateway(link, settings)._token == kept.token
     assert webhook_secret(settings) == "kept-secret"
-    # A variable, when set, still wins.
+    # The local admin token never goes to another server, nor under another variable's name.
+    for elsewhere in (
+        replace(link, url="https://labels.example.com"),
+        replace(link, token_env="PROD_TOKEN"),
+    ):
+        with pytest.raises(InvalidInput, match="is not set"):
+            gateway(elsewhere, settings)
+    # Variables, when set, still win.
     monkeypatch.setenv("LABEL_STUDIO_TOKEN", "from-the-environment")
+    assert gateway(link, settings)._token == "from-the-environment"
     assert webhook_secret(settings.model_copy(update={"webhook_secret": SecretStr("s")})) == "s"
