@@ -134,9 +134,7 @@ class LabelTaskState(StrEnum):
 
     PENDING = "pending"  # we intend to create it; not confirmed by the tool yet
     OPEN = "open"  # the tool confirmed it (and gave its id)
-    # An answer was ingested: it stops being open. A skip leaves a label task open (Label
-    # Studio serves it to another annotator); a deleted answer reopens it.
-    ANSWERED = "answered"
+    ANSWERED = "answered"  # answer ingested; a skip leaves it open, a deleted answer reopens it
 
 
 class DatasetVersionState(StrEnum):
