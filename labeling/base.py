@@ -53,6 +53,10 @@ class Labeler(Protocol):
     delivered at least once)."""
 
     source: ClassVar[str]  # InboxEvent.source of the answers it stores
+    # People answer after the hand-off, from a queue of open tasks that must not run dry: the
+    # trigger refills it (`refill_below`) and ingesting answers asks for the next cycle at once.
+    # False for a labeler that answers within the hand-off or never.
+    answers_later: ClassVar[bool]
 
     def hand_off(self, engine: sa.Engine, cycle_id: int, settings: Settings) -> list[int]:
         """Give the cycle's selected items to people; returns the ids of inbox events it stored
@@ -81,6 +85,7 @@ class NoLabeler:
     """kind "none": the batch stays selected for whoever fetches it (CLI, API)."""
 
     source: ClassVar[str] = "none"
+    answers_later: ClassVar[bool] = False
 
     def hand_off(self, engine: sa.Engine, cycle_id: int, settings: Settings) -> list[int]:
         return []

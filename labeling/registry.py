@@ -32,6 +32,13 @@ def labeler_for(project: Project) -> Labeler:
     return LABELERS[kind]()
 
 
+def answers_later(project: Project) -> bool:
+    """Whether people answer the project's hand-offs later, from a queue (False for a kind no
+    implementation is registered for: it has no queue to keep filled)."""
+    make = LABELERS.get(str(project.labeler.get("kind", "none")))
+    return make is not None and make().answers_later
+
+
 def labeler_of_source(source: str) -> Labeler | None:
     """The labeler whose answers carry this inbox source (None when no labeler does)."""
     for make in LABELERS.values():

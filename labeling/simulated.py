@@ -99,6 +99,7 @@ class SimulatedLabeler:
     """Answers each batch at once (as inbox events) from the project's truth table."""
 
     source: ClassVar[str] = SOURCE
+    answers_later: ClassVar[bool] = False  # within the hand-off; its loop starts each cycle
 
     def hand_off(self, engine: sa.Engine, cycle_id: int, settings: Settings) -> list[int]:
         with session_scope(engine) as session:

@@ -133,6 +133,12 @@ class Settings(BaseSettings):
     schedule_interval_s: float = Field(
         default=60.0, gt=0, description="How often beat runs maybe_start_cycle per project."
     )
+    start_cycles_on_ingest: bool = Field(
+        default=True,
+        description="After ingesting answers, start the next cycle at once when one is due "
+        "(beat's interval is then only the fallback). The simulation turns it off: it starts "
+        "each cycle itself, to measure cycle by cycle.",
+    )
 
     api_url: str = Field(
         default="http://127.0.0.1:8000",

@@ -170,11 +170,8 @@ class Project(SQLModel, table=True):
         sa_type=sa.JSON,
         description="Who answers hand-offs: {kind: none | simulated | label_studio, ...}.",
     )
-    seed: int = Field(
-        default=0,
-        description="Every random choice of the project's cycles derives from it (with the "
-        "cycle's number), so a run is reproducible.",
-    )
+    refill_below: int = Field(default=0, description="Start a cycle under this many open tasks.")
+    seed: int = Field(default=0, description="Every cycle's random choices derive from it.")
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 

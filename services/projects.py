@@ -76,6 +76,7 @@ class ProjectSpec:
     label_budget: int | None = None
     retrain_min_new_labels: int = 100
     retrain_cron: str | None = None
+    refill_below: int | None = None  # None: one batch
     gate: dict[str, Any] | None = None
     seed: int = 0
 
@@ -89,6 +90,15 @@ def check_count(name: str, value: int, *, high: int = MAX_INT32) -> int:
     """A whole-number setting in [1, high]; InvalidInput naming it otherwise."""
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
         raise InvalidInput(f"{name} must be a whole number in [1, {high}], got {value!r}")
+    return value
+
+
+def check_refill_below(value: int) -> int:
+    """Open tasks under which the next cycle starts (0: only labels and cron start cycles)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_BATCH:
+        raise InvalidInput(
+            f"refill_below must be a whole number in [0, {MAX_BATCH}], got {value!r}"
+        )
     return value
 
 
@@ -145,6 +155,9 @@ def create_project(session: Session, spec: ProjectSpec) -> Project:
         label_budget=spec.label_budget,
         retrain_min_new_labels=spec.retrain_min_new_labels,
         retrain_cron=check_cron(spec.retrain_cron) if spec.retrain_cron else None,
+        refill_below=check_refill_below(
+            spec.batch_size if spec.refill_below is None else spec.refill_below
+        ),
         gate=_checked_gate(spec.gate, labels),
         seed=check_seed(spec.seed),
     )
@@ -265,6 +278,7 @@ def update_project(
     label_budget: int | None = None,
     retrain_min_new_labels: int | None = None,
     retrain_cron: str | None = None,
+    refill_below: int | None = None,
     loss: dict[str, Any] | None = None,
     selection: dict[str, Any] | None = None,
     gate: dict[str, Any] | None = None,
@@ -295,6 +309,8 @@ def update_project(
         )
     if retrain_cron is not None:
         project.retrain_cron = check_cron(retrain_cron)
+    if refill_below is not None:
+        project.refill_below = check_refill_below(refill_below)
     if "label_budget" in clear:
         project.label_budget = None
     if "retrain_cron" in clear:

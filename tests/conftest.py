@@ -1,11 +1,17 @@
 """Shared fixtures: real data (scikit-learn's bundled digits), small enough for the CPU."""
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 from numpy.typing import NDArray
 from sklearn.datasets import load_digits
+
+# moto's S3 server answers every request with a wildcard CORS grant unless told not to, which
+# would hide a bucket without a CORS rule from the browser tests. Read when moto is imported:
+# this file is imported before any test module.
+os.environ["MOTO_DISABLE_GLOBAL_CORS"] = "true"
 
 
 @dataclass(frozen=True)

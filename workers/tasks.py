@@ -13,7 +13,7 @@ from typing import Any, ParamSpec, Protocol, cast
 
 import sqlalchemy as sa
 from billiard.process import current_process
-from celery.signals import task_postrun, task_prerun, worker_process_init
+from celery.signals import task_postrun, task_prerun, worker_process_init, worker_ready
 
 from labeling.registry import reconcile_all
 from services import logs
@@ -167,6 +167,17 @@ TASKS: dict[Stage, TaskHandle[...]] = {
 def maybe_start_cycles() -> None:
     """Beat: give every project the chance to start a cycle."""
     _send([Step(Stage.TRAIN, cycle.id or 0) for cycle in start_due_cycles(engine(), settings())])
+
+
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def _start_due_now(**_: Any) -> None:
+    # Beat's first tick comes one interval after it starts (a new schedule entry counts as just
+    # run): without this, a new deployment's first cycle, and its annotators' first tasks, wait
+    # that long. Several workers each asking is harmless: one cycle per project can start.
+    try:
+        maybe_start_cycles.delay()
+    except Exception:
+        log.warning("could not ask for due cycles at start; beat will", exc_info=True)
 
 
 @task(RECONCILE)

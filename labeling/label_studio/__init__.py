@@ -18,16 +18,19 @@ from typing import ClassVar
 import sqlalchemy as sa
 
 from labeling.base import HandOffRefused, IngestReport, ReviewPolicy
+from labeling.label_studio.annotators import pending_annotator_names
 from labeling.label_studio.events import ingest_pending
 from labeling.label_studio.hand_off import hand_off as hand_off_batch
 from labeling.label_studio.link import KIND, SOURCE, LabelStudioLink, gateway
 from labeling.label_studio.refresh import refresh_media_links
+from labeling.label_studio.rejected import return_all_refused_answers, return_refused_answers
 from labeling.label_studio.sync import sync_annotations
 from labeling.label_studio.tasks import drop_unsent_tasks, push_pending
-from services.config import Settings
+from services.config import Settings, get_settings
 from services.db import session_scope
 from services.errors import InvalidInput
 from services.models import Project
+from services.projects import get_project
 
 __all__ = ["KIND", "SOURCE", "LabelStudioLabeler"]
 log = logging.getLogger(__name__)
@@ -38,6 +41,7 @@ class LabelStudioLabeler:
     """People answer in Label Studio; answers return by webhook and by beat's sync."""
 
     source: ClassVar[str] = SOURCE
+    answers_later: ClassVar[bool] = True
 
     def hand_off(self, engine: sa.Engine, cycle_id: int, settings: Settings) -> list[int]:
         try:
@@ -53,7 +57,12 @@ class LabelStudioLabeler:
 
     def ingest(self, engine: sa.Engine, event_ids: Sequence[int]) -> IngestReport:
         # Every pending Label Studio event, not only these: one message per burst of webhooks.
-        totals = ingest_pending(engine)
+        # (The labeler protocol passes no settings: the process's own reach Label Studio.)
+        settings = get_settings()
+        totals = ingest_pending(engine, names=pending_annotator_names(engine, settings))
+        if totals.rejected:
+            reopened = return_all_refused_answers(engine, settings)
+            log.info("returned %d refused answers to Label Studio's annotators", reopened)
         return IngestReport(totals.stored, totals.duplicates, totals.rejected)
 
     def reconcile(self, engine: sa.Engine, project_name: str, settings: Settings) -> None:
@@ -63,6 +72,12 @@ class LabelStudioLabeler:
         report = sync_annotations(engine, project_name, settings)
         if report.new_revisions or report.withdrawn:
             log.info("synced %s with Label Studio: %s", project_name, report)
+        with session_scope(engine) as session:
+            project = get_project(session, project_name)
+            session.expunge(project)
+        reopened = return_refused_answers(engine, project, settings)
+        if reopened:
+            log.info("reopened %d %s tasks whose answer was refused", reopened, project_name)
         renewed = refresh_media_links(engine, project_name, settings)
         if renewed:
             log.info("renewed the image links of %d open %s tasks", renewed, project_name)

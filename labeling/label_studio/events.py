@@ -138,10 +138,15 @@ class EventOutcome:
     errors: list[str] = field(default_factory=list)
 
 
-def apply_events(session: Session, events: Sequence[InboxEvent]) -> dict[int, EventOutcome]:
+def apply_events(
+    session: Session,
+    events: Sequence[InboxEvent],
+    names: Mapping[int, Mapping[int, str]] | None = None,
+) -> dict[int, EventOutcome]:
     """Apply stored Label Studio events in a fixed number of statements. Bad annotations (not
     our task, no single choice, a label outside the label set) are reported in their event's
-    outcome and flag their items; they never stop the others."""
+    outcome and flag their items; they never stop the others. `names`: per project, Label
+    Studio user id -> email (`annotators.AnnotatorNames`)."""
     outcomes = {event.id or 0: EventOutcome() for event in events}
     parsed_by_event: list[tuple[int, ParsedAnnotation]] = []
     deletions: dict[int, list[tuple[int, str]]] = {}  # project -> [(event, annotation id)]
@@ -170,7 +175,8 @@ def apply_events(session: Session, events: Sequence[InboxEvent]) -> dict[int, Ev
                 outcome.errors.append("an annotation that is not an object")
                 continue
             try:
-                parsed_by_event.append((event.id or 0, parse_annotation(annotation, task)))
+                parsed = parse_annotation(annotation, task, (names or {}).get(event.project_id))
+                parsed_by_event.append((event.id or 0, parsed))
             except InvalidInput as error:
                 outcome.errors.append(str(error))
     project_of = {event.id or 0: event.project_id for event in events}
@@ -367,10 +373,12 @@ def _mark(event: InboxEvent, outcome: EventOutcome, totals: IngestTotals) -> Non
     event.processed_at = utcnow()
 
 
-def _apply_alone(session: Session, event: InboxEvent) -> EventOutcome:
+def _apply_alone(
+    session: Session, event: InboxEvent, names: Mapping[int, Mapping[int, str]] | None
+) -> EventOutcome:
     try:
         with session.begin_nested():
-            return apply_events(session, [event])[event.id or 0]
+            return apply_events(session, [event], names)[event.id or 0]
     except sa.exc.OperationalError:
         raise
     except Exception as error:
@@ -381,12 +389,18 @@ def _apply_alone(session: Session, event: InboxEvent) -> EventOutcome:
         return EventOutcome(errors=[f"could not be applied: {reason}"[:1000]])
 
 
-def ingest_pending(engine: sa.Engine, *, batch: int = INGEST_BATCH) -> IngestTotals:
+def ingest_pending(
+    engine: sa.Engine,
+    *,
+    batch: int = INGEST_BATCH,
+    names: Mapping[int, Mapping[int, str]] | None = None,
+) -> IngestTotals:
     """Apply every unprocessed Label Studio event, oldest first, in batches of `batch` per
     transaction. Concurrent callers take disjoint batches (`FOR UPDATE SKIP LOCKED` on
     PostgreSQL); a batch that fails as a whole is retried one event per savepoint, so one bad
     event cannot hold the others back. This is what every `ingest` task runs: under load the
-    first task takes many events at once and the later ones find theirs done."""
+    first task takes many events at once and the later ones find theirs done. `names`: see
+    `apply_events`."""
     totals = IngestTotals()
     for _ in range(INGEST_MAX_BATCHES):
         with session_scope(engine) as session:
@@ -404,14 +418,14 @@ def ingest_pending(engine: sa.Engine, *, batch: int = INGEST_BATCH) -> IngestTot
                 return totals
             try:
                 with session.begin_nested():
-                    outcomes = apply_events(session, events)
+                    outcomes = apply_events(session, events, names)
             except sa.exc.OperationalError:
                 raise  # the database is away: nothing is poison, the task retries
             except Exception:
                 # Anything else is some event's fault: find it by applying one at a time, and
                 # quarantine it with its reason so it never blocks the others again.
                 log.warning("a batch of %d events failed; applying one by one", len(events))
-                outcomes = {event.id or 0: _apply_alone(session, event) for event in events}
+                outcomes = {event.id or 0: _apply_alone(session, event, names) for event in events}
             for event in events:
                 _mark(event, outcomes[event.id or 0], totals)
                 session.add(event)

@@ -87,6 +87,15 @@ class LabelStudioGateway:
         user = _call(lambda: self._client.users.whoami(), "identify the token's user")
         return str(user.email or user.username or user.id)
 
+    def user_names(self) -> dict[int, str]:
+        """Every user of the token's organization: id -> email (username when it has none)."""
+        users = _call(lambda: list(self._client.users.list()), "list the users")
+        return {
+            int(user.id): str(user.email or user.username or user.id)
+            for user in users
+            if user.id is not None
+        }
+
     def create_project(self, *, title: str, label_config: str, description: str) -> int:
         """A new Label Studio project; Label Studio validates the label config (InvalidInput
         with its message when it refuses)."""

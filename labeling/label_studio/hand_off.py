@@ -35,7 +35,7 @@ from services.state import (
 )
 
 
-def _cycle_scores(
+def cycle_scores(
     session: Session, project: Project, cycle_id: int, item_ids: set[int], settings: Settings
 ) -> dict[int, tuple[str, float]]:
     """The cycle's per-item predictions (label, probability) for `item_ids`, from the score
@@ -101,7 +101,7 @@ def _refresh_predictions(
         ).all()
         anchored = [row for row, evaluation in stale if row.kind == "label" and not evaluation]
         unanchored = [row for row, evaluation in stale if row.kind != "label" or evaluation]
-        scores = _cycle_scores(
+        scores = cycle_scores(
             session, project, cycle_id, {row.item_id for row in anchored}, settings
         )
         updates: list[tuple[LabelTask, tuple[str, float] | None]] = [

@@ -216,13 +216,14 @@ def parse_time(value: object) -> datetime:
         raise InvalidInput(f"bad timestamp {value!r}: {error}") from None
 
 
-def annotator_name(completed_by: object) -> str:
-    """Who answered, as a stable name: Label Studio's user id (webhooks send the id, listings may
-    send the user object)."""
+def annotator_name(completed_by: object, names: Mapping[int, str] | None = None) -> str:
+    """Who answered: their Label Studio email from `names` (user id -> email), else a name made
+    of their user id (webhooks send the id, listings may send the user object)."""
     if isinstance(completed_by, Mapping):
         completed_by = completed_by.get("id")
     if isinstance(completed_by, int) and not isinstance(completed_by, bool):
-        return f"label-studio-user-{completed_by}"
+        known = (names or {}).get(completed_by)
+        return known[:200] if known else f"label-studio-user-{completed_by}"
     return "label-studio-user-unknown"
 
 
@@ -270,12 +271,15 @@ def chosen_labels(result: object) -> list[str]:
 
 
 def parse_annotation(
-    annotation: Mapping[str, Any], task: Mapping[str, Any] | None = None
+    annotation: Mapping[str, Any],
+    task: Mapping[str, Any] | None = None,
+    names: Mapping[int, str] | None = None,
 ) -> ParsedAnnotation:
     """Reduce an annotation (as a webhook or a task listing carries it) to a ParsedAnnotation.
 
     `task` is the annotation's task when the payload carries it separately (webhooks); listings
-    nest annotations under their task and pass it too. Raises InvalidInput when the annotation
+    nest annotations under their task and pass it too. `names`: user id -> email, for the
+    annotator's name (`annotator_name`). Raises InvalidInput when the annotation
     has no id, task or timestamp, or a result that cannot be read.
     """
     annotation_id = label_studio_id(annotation.get("id"))
@@ -301,7 +305,7 @@ def parse_annotation(
         "item_id": item_id,
         "kind": kind,
         "updated_at": updated_at,
-        "annotator": annotator_name(annotation.get("completed_by")),
+        "annotator": annotator_name(annotation.get("completed_by"), names),
     }
     chosen = chosen_labels(annotation.get("result"))
     if cancelled:

@@ -168,6 +168,8 @@ class LocalLabelStudio:
             LABEL_STUDIO_BASE_DATA_DIR=str(self.data_dir),
             # Webhooks go to focalloop's API, which is on loopback or a private network.
             SSRF_PROTECTION_ENABLED="false",
+            # So is the model backend focalloop serves (Label Studio refuses local addresses).
+            ML_BLOCK_LOCAL_IP="false",
             WEBHOOK_TIMEOUT=str(WEBHOOK_TIMEOUT_S),
             LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED="false",
             LABEL_STUDIO_USERNAME=self.credentials.username,

@@ -29,7 +29,16 @@ from labeling.label_studio.media import check_media_signature, media_origins
 from services import logs
 from services.api.bodies import BodyLimit, json_object, read_capped, validation_problems
 from services.api.metrics import metrics_registry
-from services.api.routes import admin, cycles, datasets, models, operations, projects, queue
+from services.api.routes import (
+    admin,
+    cycles,
+    datasets,
+    model_backend,
+    models,
+    operations,
+    projects,
+    queue,
+)
 from services.api.schema_gate import SchemaGate
 from services.api.schemas import Problem
 from services.config import Settings
@@ -129,6 +138,7 @@ def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> FastAP
         datasets.router,
         queue.router,
         admin.router,
+        model_backend.router,
     ):
         app.include_router(router)
     app.state.doorbell = IngestDoorbell(

@@ -6,13 +6,18 @@ unrestricted admin token manages tokens. 401 = no valid token, 403 = a valid tok
 do this.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Annotated
 
 import sqlalchemy as sa
 from fastapi import Depends, HTTPException, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import (
+    HTTPAuthorizationCredentials,
+    HTTPBasic,
+    HTTPBasicCredentials,
+    HTTPBearer,
+)
 from sqlmodel import Session, select
 
 from services.auth import Principal, authenticate
@@ -23,6 +28,14 @@ from services.models import ApiToken, Project, TokenScope, utcnow
 bearer = HTTPBearer(
     auto_error=False,
     description="An API token from `focalloop token create` (scopes: read, write, admin).",
+)
+# Label Studio authenticates to a model backend with basic auth only (its 1.23 choices: none or
+# basic), so the model-backend routes take the token as the password.
+basic = HTTPBasic(
+    auto_error=False,
+    realm="focalloop",
+    description="Label Studio's model-backend connection: any user name, an API token as the "
+    "password.",
 )
 # last_used_at is written at most this often per token, so reads stay read-only in the common case.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
@@ -59,10 +72,28 @@ def get_principal(
 ) -> Principal:
     if credentials is None:
         raise _unauthorized("an API token is required: Authorization: Bearer <token>")
+    return _principal(engine, credentials.credentials, _unauthorized)
+
+
+def _unauthorized_basic(message: str) -> HTTPException:
+    return HTTPException(401, message, headers={"WWW-Authenticate": 'Basic realm="focalloop"'})
+
+
+def get_basic_principal(
+    engine: EngineDep, credentials: Annotated[HTTPBasicCredentials | None, Depends(basic)]
+) -> Principal:
+    if credentials is None:
+        raise _unauthorized_basic("basic auth is required: any user name, an API token as password")
+    return _principal(engine, credentials.password, _unauthorized_basic)
+
+
+def _principal(
+    engine: sa.Engine, secret: str, unauthorized: Callable[[str], HTTPException]
+) -> Principal:
     with session_scope(engine) as session:
-        principal = authenticate(session, credentials.credentials)
+        principal = authenticate(session, secret)
         if principal is None:
-            raise _unauthorized("the API token is unknown, revoked or expired")
+            raise unauthorized("the API token is unknown, revoked or expired")
         token = session.exec(select(ApiToken).where(ApiToken.id == principal.token_id)).one()
         now = utcnow()
         if token.last_used_at is None or now - token.last_used_at > LAST_USED_RESOLUTION:
@@ -85,6 +116,9 @@ class Require:
         engine: EngineDep,
         principal: Annotated[Principal, Depends(get_principal)],
     ) -> Principal:
+        return self.check(request, engine, principal)
+
+    def check(self, request: Request, engine: sa.Engine, principal: Principal) -> Principal:
         if not principal.allows(self.scope):
             raise HTTPException(
                 403, f"this needs a token with the {self.scope.value} scope ({principal.scope})"
@@ -102,6 +136,18 @@ class Require:
                     403, f"this token is restricted to another project than {name!r}"
                 )
         return principal
+
+
+class RequireBasic(Require):
+    """`Require`, the token given as basic auth's password (Label Studio's model backend)."""
+
+    def __call__(
+        self,
+        request: Request,
+        engine: EngineDep,
+        principal: Annotated[Principal, Depends(get_basic_principal)],
+    ) -> Principal:
+        return self.check(request, engine, principal)
 
 
 ReadDep = Annotated[Principal, Depends(Require(TokenScope.READ))]

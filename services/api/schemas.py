@@ -92,6 +92,13 @@ class ProjectCreate(Strict):
     label_budget: int | None = Field(default=None, ge=1, le=MAX_INT32)
     retrain_min_new_labels: int = Field(default=100, ge=1, le=MAX_INT32)
     retrain_cron: Cron | None = None
+    refill_below: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_BATCH,
+        description="Start the next cycle when fewer tasks than this wait for an answer "
+        "(0: off; default: batch_size).",
+    )
     gate: dict[str, Any] | None = Field(
         default=None, description="Evaluation set and promotion gate (GateConfig)"
     )
@@ -119,6 +126,7 @@ class ProjectUpdate(Strict):
     )
     retrain_min_new_labels: int | None = Field(default=None, ge=1, le=MAX_INT32)
     retrain_cron: Cron | None = Field(default=None, description="null: no cron.")
+    refill_below: int | None = Field(default=None, ge=0, le=MAX_BATCH, description="0: off.")
     gate: dict[str, Any] | None = None
     seed: int | None = Field(default=None, ge=0, le=MAX_INT32)
 
@@ -152,6 +160,7 @@ class ProjectPublic(BaseModel):
     label_budget: int | None
     retrain_min_new_labels: int
     retrain_cron: str | None
+    refill_below: int
     paused: bool
     labeler: str
     seed: int
@@ -175,6 +184,7 @@ class ProjectPublic(BaseModel):
             label_budget=project.label_budget,
             retrain_min_new_labels=project.retrain_min_new_labels,
             retrain_cron=project.retrain_cron,
+            refill_below=project.refill_below,
             paused=project.paused,
             labeler=str(project.labeler.get("kind", "none")),
             seed=project.seed,

@@ -40,6 +40,7 @@ def connect(
 ) -> None:
     """Make Label Studio the project's labeler (label config, webhook, hardest-first view).
     Safe to repeat: the Label Studio project and its webhook are reused."""
+    from labeling.label_studio.bucket_cors import bucket_cors_problems
     from labeling.label_studio.link import (
         DEFAULT_REVIEW_THRESHOLD,
         DEFAULT_REVIEWS_PER_CYCLE,
@@ -48,6 +49,7 @@ def connect(
     from labeling.label_studio.link import connect as connect_project
     from services.config import get_settings
     from services.db import session_scope
+    from services.projects import get_project
 
     settings = get_settings()
     with session_scope(engine_for(settings)) as session:
@@ -71,11 +73,14 @@ def connect(
             name,
             detail={"url": url, "label_studio_project": link.project_id, "media": media},
         )
+        problems = bucket_cors_problems(session, get_project(session, name), link, settings)
     console.print(
         f"{name}: Label Studio project {link.project_id} at {link.url}/projects/{link.project_id} "
         f"(webhook {link.webhook_id} -> {webhook_url(settings, name)}, "
         f"view {link.view_id} orders tasks hardest first)"
     )
+    for problem in problems:
+        console.print(f"[bold yellow]warning:[/] {problem}")
 
 
 @labelstudio_app.command("sync")

@@ -75,6 +75,12 @@ def project_create(
     label_budget: Annotated[int | None, typer.Option(help="Stop after this many labels.")] = None,
     retrain_min_new_labels: Annotated[int, typer.Option(help="Retrain after this many.")] = 100,
     retrain_cron: Annotated[str | None, typer.Option(help="Also retrain on this cron.")] = None,
+    refill_below: Annotated[
+        int | None,
+        typer.Option(
+            min=0, help="Start a cycle under this many open tasks (0: off; default: a batch)."
+        ),
+    ] = None,
     seed: Annotated[
         int, typer.Option(min=0, help="Every random choice of its cycles derives from it.")
     ] = 0,
@@ -105,6 +111,7 @@ def project_create(
         label_budget=label_budget,
         retrain_min_new_labels=retrain_min_new_labels,
         retrain_cron=retrain_cron,
+        refill_below=refill_below,
         seed=seed,
     )
     with session_scope(engine_for()) as session:
@@ -123,6 +130,7 @@ def project_update(
     label_budget: Annotated[int | None, typer.Option()] = None,
     retrain_min_new_labels: Annotated[int | None, typer.Option()] = None,
     retrain_cron: Annotated[str | None, typer.Option()] = None,
+    refill_below: Annotated[int | None, typer.Option(min=0, help="0: off.")] = None,
     seed: Annotated[int | None, typer.Option(min=0)] = None,
     unset: Annotated[
         list[str] | None,
@@ -142,6 +150,7 @@ def project_update(
             label_budget=label_budget,
             retrain_min_new_labels=retrain_min_new_labels,
             retrain_cron=retrain_cron,
+            refill_below=refill_below,
             seed=seed,
             clear=unset or (),
         )
@@ -151,6 +160,7 @@ def project_update(
             "label_budget": label_budget,
             "retrain_min_new_labels": retrain_min_new_labels,
             "retrain_cron": retrain_cron,
+            "refill_below": refill_below,
             "seed": seed,
         }
         detail = {key: value for key, value in changes.items() if value is not None}
@@ -202,6 +212,7 @@ def project_show(name: str) -> None:
             "label budget": str(project.label_budget or "none"),
             "retrain after new labels": str(project.retrain_min_new_labels),
             "retrain cron": project.retrain_cron or "none",
+            "refill below open tasks": str(project.refill_below or "off"),
             "paused": "yes" if project.paused else "no",
             "seed": str(project.seed),
             "items": str(counts.total),

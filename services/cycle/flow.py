@@ -31,13 +31,14 @@ def task_name(stage: Stage) -> str:
 
 
 # train -> score every chunk (or select at once: cold start, nothing to score) -> the chunk that
-# completes scoring -> select -> hand off -> ingest what the labeler answered at once.
+# completes scoring -> select -> hand off -> ingest what the labeler answered at once -> train
+# the next cycle when those answers made one due.
 FOLLOWS: dict[Stage, frozenset[Stage]] = {
     Stage.TRAIN: frozenset({Stage.SCORE, Stage.SELECT}),
     Stage.SCORE: frozenset({Stage.SELECT}),
     Stage.SELECT: frozenset({Stage.HAND_OFF}),
     Stage.HAND_OFF: frozenset({Stage.INGEST}),
-    Stage.INGEST: frozenset(),
+    Stage.INGEST: frozenset({Stage.TRAIN}),
 }
 
 

@@ -1,7 +1,10 @@
-"""Beat's trigger: when a project's next cycle starts. Enough new labels since the newest model,
-its cron firing, or its first run start one; once the label budget is spent, one last cycle
-trains on the final labels and then nothing starts. New labels are committed as a dataset
-version (the snapshot) before the cycle that trains on them starts."""
+"""The trigger: when a project's next cycle starts. Its first run, enough new labels since the
+newest model, the labeling queue running low (fewer open tasks than `refill_below`, with at least
+one new label to learn from), or its cron start one; once the label budget is spent, one last
+cycle trains on the final labels and then nothing starts. Beat asks on its interval, and the
+ingest stage asks at once after answers arrive, so an annotator is not left waiting a tick. New
+labels are committed as a dataset version (the snapshot) before the cycle that trains on them
+starts."""
 
 import logging
 from datetime import datetime
@@ -9,6 +12,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlmodel import Session, col, func, select
 
+from labeling.registry import answers_later
 from services.config import Settings
 from services.cron import retrain_crontab
 from services.cycle.budget import budget_spent, labels_after, labels_since_last_cycle
@@ -16,7 +20,7 @@ from services.cycle.start import active_cycle, start_cycle
 from services.datasets.snapshot import committed_versions, get_version, snapshot
 from services.db import session_scope
 from services.errors import Conflict, InvalidInput
-from services.models import Annotation, Cycle, Item, Project, utcnow
+from services.models import Annotation, Cycle, Item, ItemStatus, Project, utcnow
 from services.projects import get_project, list_projects
 from services.promotion import newest_model
 
@@ -34,6 +38,30 @@ def labels_since_model(session: Session, project: Project) -> int:
     return labels_after(
         session, project, get_version(session, project, model.dataset_version).committed_at
     )
+
+
+def open_tasks(session: Session, project: Project) -> int:
+    """Items handed to the labeler and not answered yet: waiting for a label (queued) or for
+    a review of their label (in review)."""
+    return int(
+        session.exec(
+            select(func.count())
+            .select_from(Item)
+            .where(
+                Item.project_id == project.id,
+                col(Item.status).in_([ItemStatus.QUEUED, ItemStatus.IN_REVIEW]),
+            )
+        ).one()
+    )
+
+
+def queue_low(session: Session, project: Project) -> int | None:
+    """The open task count when the project's labeling queue needs refilling, else None. Only
+    a labeler whose people answer later has a queue; 0 turns the refill off."""
+    if not project.refill_below or not answers_later(project):
+        return None
+    waiting = open_tasks(session, project)
+    return waiting if waiting < project.refill_below else None
 
 
 def cron_due(project: Project, last_start: datetime | None, now: datetime) -> bool:
@@ -62,6 +90,11 @@ def _due(session: Session, project: Project, now: datetime) -> str | None:
     new_labels = labels_since_model(session, project)
     if new_labels >= project.retrain_min_new_labels:
         return f"{new_labels} new labels"
+    # A refill needs something new to learn from: without it, the same model would select the
+    # same items again (an exhausted pool would start a cycle at every tick).
+    waiting = queue_low(session, project) if new_labels else None
+    if waiting is not None:
+        return f"queue low: {waiting} open tasks (refill below {project.refill_below})"
     if cron_due(project, last_start, now):
         return f"cron {project.retrain_cron}"
     return None
@@ -103,7 +136,9 @@ def maybe_start_cycle(
     version are first committed as a new one, so the cycle trains on them."""
     now = now or utcnow()
     with session_scope(engine) as session:
-        project = get_project(session, project_name)
+        # Under the project's write lock: ingest tasks running side by side ask at once, and
+        # only one may commit the new labels as a version and start the cycle.
+        project = get_project(session, project_name, for_update=True)
         if project.paused or active_cycle(session, project) is not None:
             return None
         trigger = _due(session, project, now)

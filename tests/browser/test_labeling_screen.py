@@ -1,30 +1,38 @@
 """Label Studio's labeling screen as an annotator meets it, in headless Chromium against a real
 Label Studio and our API: a second user (signed up through Label Studio's own page) presses
 "Label All Tasks" after a second batch arrived and the waiting tasks' predictions were
-refreshed. Each task's image loads; evaluation items come first with nothing pre-selected, then
-ascending score; a hotkey selects its label; Submit stores the label in our database; the
-browser console shows no error from our API's origin."""
+refreshed, with focalloop connected as the project's model backend. Each task's image loads;
+evaluation items come first with nothing pre-selected, then ascending score; a hotkey selects its
+label; Submit stores the label in our database under the annotator's email; the browser console
+shows no error from our API's origin."""
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pyarrow as pa
 import sqlalchemy as sa
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.wait import WebDriverWait
+from sqlmodel import select
 
 from labeling.label_studio.gateway import LabelStudioGateway
 from labeling.label_studio.server import LocalLabelStudio
+from services import db
 from services.config import Settings
 from services.cycle.trigger import maybe_start_cycle
 from services.local import write_demo_images
-from services.models import ItemStatus, LabelTask, LabelTaskState
+from services.models import Annotation, ItemStatus, LabelTask, LabelTaskState
 from services.projects import ProjectSpec
 from tests.browser.conftest import ARTIFACTS
+from tests.browser.screen import (
+    SUBMIT,
+    checked_choices,
+    console_entries,
+    current_task_id,
+    image_width,
+    sign_up,
+    until,
+)
 from tests.integration.conftest import unique_name
 from tests.integration.cycle_helpers import run_stages
 from tests.integration.ls_harness import (
@@ -36,6 +44,7 @@ from tests.integration.ls_harness import (
     wait_for,
 )
 from tests.integration.ls_project import (
+    LabelStudioAdmin,
     api,
     api_port,
     broker,
@@ -61,60 +70,12 @@ __all__ = [
     "sqlite_engine",
 ]  # fixtures, used by name
 
-T = TypeVar("T")
-PASSWORD = "a-second-annotator-9271"
-SUBMIT = "button[aria-label='Submit current annotation']"
 
-
-def until(browser: webdriver.Chrome, what: str, check: Callable[[], T], timeout_s: float = 60) -> T:
-    """check()'s first truthy answer, polled; a screenshot and a clear failure otherwise."""
-    try:
-        return WebDriverWait(browser, timeout_s, poll_frequency=0.25).until(lambda _: check())
-    except TimeoutException:
-        browser.save_screenshot(str(ARTIFACTS / "timeout.png"))
-        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}") from None
-
-
-def sign_up(browser: webdriver.Chrome, url: str, email: str) -> None:
-    """A new annotator signs up on Label Studio's own page (Label Studio's user API takes no
-    password, so a person can only log in as a user made this way)."""
-    browser.delete_all_cookies()
-    browser.get(f"{url}/user/signup/")
-    until(browser, "the sign-up form", lambda: browser.find_elements(By.NAME, "email"))
-    browser.find_element(By.NAME, "email").send_keys(email)
-    browser.find_element(By.NAME, "password").send_keys(PASSWORD)
-    browser.find_element(By.CSS_SELECTOR, "button[type=submit], input[type=submit]").click()
-    until(browser, "the signed-in page", lambda: "/user/signup" not in browser.current_url)
-
-
-def console_entries(browser: webdriver.Chrome) -> list[dict[str, Any]]:
-    """The console entries since the last call (Chromium hands each out once)."""
-    entries: list[dict[str, Any]] = browser.get_log("browser")  # type: ignore[no-untyped-call]
-    return entries
-
-
-def current_task_id(browser: webdriver.Chrome) -> int | None:
-    text = browser.execute_script(
-        "const e = document.querySelector('.lsf-current-task__task-id');"
-        "return e && e.firstChild ? e.firstChild.textContent : null;"
-    )
-    return int(text) if text and str(text).strip().isdigit() else None
-
-
-def image_width(browser: webdriver.Chrome) -> int:
-    """The natural width of the task's image as the browser decoded it (0: not loaded)."""
-    widths = browser.execute_script(
-        "return Array.from(document.images).filter(i => i.src).map(i => i.naturalWidth)"
-    )
-    return max(widths, default=0)
-
-
-def checked_choices(browser: webdriver.Chrome) -> list[str]:
-    return [
-        str(element.get_attribute("name"))
-        for element in browser.find_elements(By.CSS_SELECTOR, "input.ant-radio-input")
-        if element.is_selected()
-    ]
+def annotators_of(engine: sa.Engine, item_id: int) -> set[str]:
+    with db.session_scope(engine) as session:
+        return set(
+            session.exec(select(Annotation.annotator).where(Annotation.item_id == item_id)).all()
+        )
 
 
 def test_an_annotator_labels_hardest_first_with_images_and_hotkeys(
@@ -123,6 +84,7 @@ def test_an_annotator_labels_hardest_first_with_images_and_hotkeys(
     label_studio: LocalLabelStudio,
     annotator: LabelStudioGateway,
     api: ApiServer,
+    ls_token: str,
     browser: webdriver.Chrome,
     tmp_path: Path,
 ) -> None:
@@ -172,7 +134,10 @@ def test_an_annotator_labels_hardest_first_with_images_and_hotkeys(
     assert len(waiting) >= 13
     assert all(row.model_version is not None for row in waiting.values())  # all refreshed
 
-    sign_up(browser, label_studio.url, f"{unique_name('annotator')}@example.com")
+    # Connected as a model backend too: evaluation items must still arrive with nothing chosen.
+    LabelStudioAdmin(label_studio, ls_token).add_model_backend(engine, name, ls_project, api.url)
+    email = f"{unique_name('annotator')}@example.com"
+    sign_up(browser, label_studio.url, email)
     console_entries(browser)  # start the console record here
     browser.get(f"{label_studio.url}/projects/{ls_project}/data?labeling=1")
     served: list[int] = []
@@ -197,9 +162,7 @@ def test_an_annotator_labels_hardest_first_with_images_and_hotkeys(
             pressed += 1
         if not served:
             browser.save_screenshot(str(ARTIFACTS / "labeling-screen.png"))
-        browser.find_element(
-            By.CSS_SELECTOR, "button[aria-label='Submit current annotation']"
-        ).click()
+        browser.find_element(By.CSS_SELECTOR, SUBMIT).click()
         served.append(task_id)
     # Unanchored tasks (evaluation items, reviews) first, then ascending score.
     kinds = [waiting[t].prediction_label is None for t in served]
@@ -216,6 +179,7 @@ def test_an_annotator_labels_hardest_first_with_images_and_hotkeys(
         item = item_of(engine, waiting[task_id].item_id)
         assert item.label == truth[item.external_id]
         assert item.status == ItemStatus.LABELED
+        assert annotators_of(engine, item.id or 0) == {email}  # not label-studio-user-N
     # No console error names our API (images, CORS).
     ours = [
         entry["message"]

@@ -5,7 +5,9 @@ import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import redis
 import sqlalchemy as sa
@@ -17,6 +19,7 @@ from labeling.label_studio import link
 from labeling.label_studio.server import LocalLabelStudio
 from services import db
 from services.api import create_app
+from services.auth import create_token
 from services.config import Settings
 from services.cycle.ingest import ingest_events, pending_events
 from services.cycle.trigger import maybe_start_cycle
@@ -163,6 +166,55 @@ def register(
     with db.session_scope(engine) as session:
         project_row = create_project(session, spec)
         add_to_pool(session, project_row, source, settings=settings, trusted_roots=[root])
+
+
+def project_token(engine: sa.Engine, project: str, scope: str) -> str:
+    """A new API token of `scope`, restricted to `project`."""
+    with db.session_scope(engine) as session:
+        _, secret = create_token(
+            session, name=f"label studio {scope}", scope=scope, actor="test", project=project
+        )
+    return secret
+
+
+class LabelStudioAdmin:
+    """Label Studio's REST API as its admin uses it from the Model settings and Data Manager."""
+
+    def __init__(self, server: LocalLabelStudio, token: str) -> None:
+        self.url = server.url
+        self.headers = {"Authorization": f"Token {token}"}
+
+    def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return httpx.request(
+            method, f"{self.url}{path}", headers=self.headers, timeout=60, **kwargs
+        )
+
+    def drop_predictions(self, task_id: int) -> None:
+        task = self.call("GET", f"/api/tasks/{task_id}/").json()
+        for prediction in task["predictions"]:
+            self.call("DELETE", f"/api/predictions/{prediction['id']}/").raise_for_status()
+
+    def add_model_backend(
+        self, engine: sa.Engine, project: str, ls_project: int, api_url: str
+    ) -> dict[str, Any]:
+        """focalloop added under the project's Model settings (basic auth with a write token of
+        the project); Label Studio checks /health and /setup itself. The backend's record."""
+        added = self.call(
+            "POST",
+            "/api/ml",
+            json={
+                "project": ls_project,
+                "url": f"{api_url}/api/v1/projects/{project}/label-studio-backend",
+                "title": "focalloop",
+                "auth_method": "BASIC_AUTH",
+                "basic_auth_user": "label-studio",
+                "basic_auth_pass": project_token(engine, project, "write"),
+            },
+        )
+        assert added.status_code == 201, added.text
+        backend: dict[str, Any] = added.json()
+        assert backend["state"] == "CO", backend  # connected
+        return backend
 
 
 def first_cycle(engine: sa.Engine, name: str, settings: Settings) -> int:

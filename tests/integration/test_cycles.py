@@ -223,6 +223,63 @@ def test_cron_starts_a_cycle_without_new_labels(
     assert cycle.trigger == "cron */5 * * * *"
 
 
+def test_a_queue_people_answer_is_refilled_under_its_watermark(
+    engine: sa.Engine, cycle_settings: Settings, digits: Digits, tmp_path: Path
+) -> None:
+    project = make_digits_project(engine, cycle_settings, digits, tmp_path)
+    run_stages(engine, begin(engine, project.name, cycle_settings), cycle_settings)
+    second = begin(engine, project.name, cycle_settings)
+    run_stages(engine, second, cycle_settings)
+    with db.session_scope(engine) as session:
+        row = update_project(session, project.name, retrain_min_new_labels=1000)
+        assert row.refill_below == 20  # one batch by default
+    # The simulated labeler answers within the hand-off: it has no queue to refill.
+    assert trigger.maybe_start_cycle(engine, project.name, cycle_settings) is None
+    with db.session_scope(engine) as session:
+        unlabeled = session.exec(
+            select(Item.id)
+            .where(Item.project_id == get_project(session, project.name).id)
+            .where(Item.status == "unlabeled")
+            .limit(25)
+        ).all()
+
+    def labeler(kind: str) -> None:
+        with db.session_scope(engine) as session:
+            row = get_project(session, project.name)
+            row.labeler = {"kind": kind}
+            session.add(row)
+
+    labeler("label_studio")  # people answer later, from a queue
+
+    def queue(count: int) -> None:
+        with db.session_scope(engine) as session:
+            session.execute(
+                sa.update(Item).where(col(Item.id).in_(unlabeled)).values(status="unlabeled")
+            )
+            session.execute(
+                sa.update(Item).where(col(Item.id).in_(unlabeled[:count])).values(status="queued")
+            )
+
+    queue(20)  # a full batch waits: nothing to refill
+    assert trigger.maybe_start_cycle(engine, project.name, cycle_settings) is None
+    with db.session_scope(engine) as session:
+        update_project(session, project.name, refill_below=0)  # off
+    queue(19)
+    assert trigger.maybe_start_cycle(engine, project.name, cycle_settings) is None
+    with db.session_scope(engine) as session:
+        update_project(session, project.name, refill_below=20)
+    cycle = trigger.maybe_start_cycle(engine, project.name, cycle_settings)
+    assert cycle is not None
+    assert cycle.trigger == "queue low: 19 open tasks (refill below 20)"
+    # Without a label since the newest model, refilling would select the same items again: a
+    # cycle trains on every label and hands its batch to nobody ("none" keeps it selected).
+    labeler("none")
+    run_stages(engine, cycle.id or 0, cycle_settings)
+    labeler("label_studio")
+    queue(0)
+    assert trigger.maybe_start_cycle(engine, project.name, cycle_settings) is None
+
+
 def test_recovery_reenqueues_expired_leases_and_fails_after_the_attempt_limit(
     engine: sa.Engine, cycle_settings: Settings, digits: Digits, tmp_path: Path
 ) -> None:

@@ -9,14 +9,14 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
-from sqlmodel import select
+from sqlmodel import col, select
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from labeling.label_studio import hand_off as ls_hand_off
 from labeling.label_studio import link, sync
 from labeling.label_studio import tasks as ls_tasks
 from labeling.label_studio.gateway import LabelStudioGateway
-from labeling.label_studio.payloads import label_config
+from labeling.label_studio.payloads import NOTE_KEY, label_config
 from labeling.label_studio.server import LocalLabelStudio
 from services import db
 from services.api import create_app
@@ -300,7 +300,7 @@ def test_webhook_secret_size_and_body_checks(
     assert inbox_count(sqlite_engine, project_id) == 1
 
 
-def test_unknown_label_is_rejected_reported_and_flags_the_item(
+def test_an_unknown_label_is_refused_flagged_and_returned_to_the_annotator(
     sqlite_engine: sa.Engine,
     ls_settings: Settings,
     label_studio: LocalLabelStudio,
@@ -310,7 +310,7 @@ def test_unknown_label_is_rejected_reported_and_flags_the_item(
     tmp_path: Path,
 ) -> None:
     project = make_digits_project(sqlite_engine, ls_settings, digits, tmp_path / "p", n_items=60)
-    connect(sqlite_engine, project.name, label_studio, ls_settings)
+    ls_id = connect(sqlite_engine, project.name, label_studio, ls_settings)
     first_cycle(sqlite_engine, project.name, ls_settings)
     task = tasks_of(sqlite_engine, project.name)[0]
     project_id = project_id_of(sqlite_engine, project.name)
@@ -322,11 +322,34 @@ def test_unknown_label_is_rejected_reported_and_flags_the_item(
     assert item.status == ItemStatus.QUEUED and item.label is None
     assert item.label_issue is not None and "'seven' is not in the label set" in item.label_issue
     with db.session_scope(sqlite_engine) as session:
-        event = session.exec(select(InboxEvent).where(InboxEvent.project_id == project_id)).one()
-        assert event.error is not None and "'seven'" in event.error
+        event = session.exec(
+            select(InboxEvent)
+            .where(InboxEvent.project_id == project_id)
+            .order_by(col(InboxEvent.id))
+        ).first()
+        assert event is not None and event.error is not None and "'seven'" in event.error
         assert (
             session.exec(select(Annotation).where(Annotation.item_id == task.item_id)).all() == []
         )
+    # The annotator sees it too: the refused answer is gone from Label Studio, which serves the
+    # task again with the reason above the image.
+    task_id = int(task.external_task_id or 0)
+    remote = annotator.task(task_id)
+    assert remote["annotations"] == []
+    assert "'seven' is not in the label set" in remote["data"][NOTE_KEY]
+    assert remote["data"][NOTE_KEY].startswith("Your earlier answer could not be used")
+    assert annotator.task_counts(ls_id) == (len(tasks_of(sqlite_engine, project.name)), 0)
+    # Its deletion comes back as an event and changes nothing; a correct answer is stored.
+    wait_for(lambda: inbox_count(sqlite_engine, project_id) == 2, what="the deletion webhook")
+    ingest_all(sqlite_engine)
+    assert item_of(sqlite_engine, task.item_id).label_issue is not None
+    answer = "eight" if digits.labels[int(item.external_id[1:])] == 8 else "other"
+    annotator.annotate(task_id, answer, modality="features")
+    wait_for(lambda: inbox_count(sqlite_engine, project_id) == 3, what="the second answer")
+    ingest_all(sqlite_engine)
+    corrected = item_of(sqlite_engine, task.item_id)
+    assert (corrected.label, corrected.label_issue) == (answer, None)
+    assert annotator.task(task_id)["annotations"][0]["result"][0]["value"]["choices"] == [answer]
 
 
 # --------------------------------------------------------------------------- sync and delete

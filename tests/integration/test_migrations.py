@@ -6,27 +6,41 @@ import sqlalchemy as sa
 from sqlmodel import col
 
 from services import db
-from services.models import Item, ItemStatus, LabelTask, LabelTaskState
-from services.projects import ProjectSpec, create_project
+from services.models import Item, ItemStatus, LabelTask, LabelTaskState, Project
 
 
-def test_0007_marks_answered_label_tasks_and_leaves_waiting_ones_open(tmp_path: Path) -> None:
+def _project_at(engine: sa.Engine, tmp_path: Path) -> int:
+    """A project row as the schema in the database holds it (the model's newer columns left
+    out); its id."""
+    project = Project(
+        name="migrated",
+        labels=["a", "b"],
+        modality="features",
+        store_url=f"file://{tmp_path / 'store'}",
+        loss_config={},
+        selection_config={},
+        batch_size=30,
+    )
+    table = sa.Table("project", sa.MetaData(), autoload_with=engine)
+    values = {column.name: getattr(project, column.name) for column in table.columns}
+    with engine.begin() as connection:
+        inserted = connection.execute(sa.insert(table).values(values))
+        key = inserted.inserted_primary_key
+        assert key is not None
+        return int(key[0])
+
+
+def test_0007_and_0008_on_a_database_written_before_them(tmp_path: Path) -> None:
+    """0007 marks answered label tasks and leaves waiting ones open; 0008 gives existing
+    projects a refill watermark of one batch."""
     engine = db.make_engine(f"sqlite:///{tmp_path / 'state.db'}")
-    db.upgrade(engine, "0006")  # the schema 0007 runs on (0007 changes data only)
+    db.upgrade(engine, "0006")
     statuses = [ItemStatus.LABELED, ItemStatus.IN_REVIEW, ItemStatus.QUEUED, ItemStatus.UNLABELED]
+    project_id = _project_at(engine, tmp_path)
     with db.session_scope(engine) as session:
-        project = create_project(
-            session,
-            ProjectSpec(
-                name="migrated",
-                labels=["a", "b"],
-                modality="features",
-                store_url=f"file://{tmp_path / 'store'}",
-            ),
-        )
         for index, status in enumerate(statuses):
             item = Item(
-                project_id=project.id or 0,
+                project_id=project_id,
                 external_id=f"x{index}",
                 uri=f"file:///x{index}",
                 content_hash=f"{index:064d}",
@@ -38,7 +52,7 @@ def test_0007_marks_answered_label_tasks_and_leaves_waiting_ones_open(tmp_path: 
             for kind in ("label", "review") if status == ItemStatus.IN_REVIEW else ("label",):
                 session.add(
                     LabelTask(
-                        project_id=project.id or 0,
+                        project_id=project_id,
                         item_id=item.id or 0,
                         kind=kind,
                         state=LabelTaskState.OPEN,
@@ -59,4 +73,7 @@ def test_0007_marks_answered_label_tasks_and_leaves_waiting_ones_open(tmp_path: 
         (ItemStatus.QUEUED, "label", LabelTaskState.OPEN),
         (ItemStatus.UNLABELED, "label", LabelTaskState.OPEN),  # its answer was deleted
     ]
+    with engine.connect() as connection:
+        refill = connection.execute(sa.text("SELECT refill_below FROM project")).scalar_one()
+    assert refill == 30
     engine.dispose()

@@ -101,3 +101,5 @@ def test_label_studio_waits_long_enough_for_a_webhook_answer() -> None:
     # Label Studio's default is 1 s with no retry: a busy api lost events until reconciliation.
     environment = compose()["services"]["label-studio"]["environment"]
     assert float(environment["WEBHOOK_TIMEOUT"]) >= 5
+    # The api's model backend is on the private network Label Studio refuses by default.
+    assert environment["ML_BLOCK_LOCAL_IP"] == "false"

@@ -203,6 +203,11 @@ def test_times_and_annotators() -> None:
     assert annotator_name({"id": 9, "email": "a@b"}) == "label-studio-user-9"
     assert annotator_name(None) == "label-studio-user-unknown"
     assert annotator_name(True) == "label-studio-user-unknown"
+    # Named by their Label Studio email when it is known; by id when Label Studio was not asked.
+    names = {9: "ann@example.com"}
+    assert annotator_name(9, names) == "ann@example.com"
+    assert annotator_name({"id": 9}, names) == "ann@example.com"
+    assert annotator_name(10, names) == "label-studio-user-10"
 
 
 def test_review_candidates_find_flipped_labels_cross_fitted() -> None:

@@ -56,6 +56,7 @@ def create(
         label_budget=body.label_budget,
         retrain_min_new_labels=body.retrain_min_new_labels,
         retrain_cron=body.retrain_cron,
+        refill_below=body.refill_below,
         gate=body.gate,
         seed=body.seed,
     )
@@ -99,6 +100,7 @@ def update(
         label_budget=body.label_budget,
         retrain_min_new_labels=body.retrain_min_new_labels,
         retrain_cron=body.retrain_cron,
+        refill_below=body.refill_below,
         loss=body.loss,
         selection=body.selection,
         gate=body.gate,
