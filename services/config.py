@@ -133,11 +133,11 @@ class Settings(BaseSettings):
     schedule_interval_s: float = Field(
         default=60.0, gt=0, description="How often beat runs maybe_start_cycle per project."
     )
-    start_cycles_on_ingest: bool = Field(
+    start_due_cycles_at_once: bool = Field(
         default=True,
-        description="After ingesting answers, start the next cycle at once when one is due "
-        "(beat's interval is then only the fallback). The simulation turns it off: it starts "
-        "each cycle itself, to measure cycle by cycle.",
+        description="Start a due cycle at once: after an ingest took in people's answers, and "
+        "when a worker starts. Off, only beat's interval starts cycles (`bench annotator` "
+        "measures the difference).",
     )
 
     api_url: str = Field(

@@ -174,6 +174,8 @@ def _start_due_now(**_: Any) -> None:
     # Beat's first tick comes one interval after it starts (a new schedule entry counts as just
     # run): without this, a new deployment's first cycle, and its annotators' first tasks, wait
     # that long. Several workers each asking is harmless: one cycle per project can start.
+    if not settings().start_due_cycles_at_once:
+        return
     try:
         maybe_start_cycles.delay()
     except Exception:

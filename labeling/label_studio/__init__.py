@@ -28,7 +28,7 @@ from labeling.label_studio.sync import sync_annotations
 from labeling.label_studio.tasks import drop_unsent_tasks, push_pending
 from services.config import Settings, get_settings
 from services.db import session_scope
-from services.errors import InvalidInput
+from services.errors import FocalloopError, InvalidInput
 from services.models import Project
 from services.projects import get_project
 
@@ -75,7 +75,11 @@ class LabelStudioLabeler:
         with session_scope(engine) as session:
             project = get_project(session, project_name)
             session.expunge(project)
-        reopened = return_refused_answers(engine, project, settings)
+        try:
+            reopened = return_refused_answers(engine, project, settings)
+        except FocalloopError as error:  # Label Studio away: the next pass tries again
+            log.warning("%s: refused answers not returned yet: %s", project_name, error)
+            reopened = 0
         if reopened:
             log.info("reopened %d %s tasks whose answer was refused", reopened, project_name)
         renewed = refresh_media_links(engine, project_name, settings)

@@ -1,11 +1,14 @@
 """Annotators by name: Label Studio's webhooks name who answered only by user id, so before
-ingesting, the ids of the pending answers are looked up in Label Studio's user list (once per
-user and process: emails rarely change) and each answer is stored under its annotator's email.
-When Label Studio cannot be asked, the answer is stored under `label-studio-user-<id>` rather
-than held back: a label matters more than its author's display name."""
+ingesting (webhooks and reconciliation alike), the ids of the pending answers are looked up in
+Label Studio's user list (once per user and process: emails rarely change) and each answer is
+stored under its annotator's email. When Label Studio cannot be asked, the answer is stored
+under `label-studio-user-<id>` rather than held back: a label matters more than its author's
+display name. A failed lookup is not repeated for `RETRY_S`, so a Label Studio that is away
+slows no ingest more than once a minute."""
 
 import logging
 import threading
+import time
 from collections.abc import Mapping
 
 import sqlalchemy as sa
@@ -19,17 +22,24 @@ from services.models import InboxEvent, Project
 
 log = logging.getLogger(__name__)
 
+RETRY_S = 60.0
 # (Label Studio URL, user id) -> email: one process asks once per user.
 _KNOWN: dict[tuple[str, int], str] = {}
+# (Label Studio URL, user id) -> when to ask again: users the list lacked, or a failed lookup.
+_RETRY_AT: dict[tuple[str, int], float] = {}
 _LOCK = threading.Lock()
 
 
 def _user_ids(payload: Mapping[str, object]) -> set[int]:
-    annotation = payload.get("annotation")
-    by = annotation.get("completed_by") if isinstance(annotation, Mapping) else None
-    if isinstance(by, Mapping):
-        by = by.get("id")
-    return {by} if isinstance(by, int) and not isinstance(by, bool) else set()
+    raw = payload.get("annotation")
+    ids = set()
+    for annotation in raw if isinstance(raw, list) else [raw]:
+        by = annotation.get("completed_by") if isinstance(annotation, Mapping) else None
+        if isinstance(by, Mapping):
+            by = by.get("id")
+        if isinstance(by, int) and not isinstance(by, bool):
+            ids.add(by)
+    return ids
 
 
 def pending_annotator_names(
@@ -59,8 +69,13 @@ def pending_annotator_names(
 
 
 def _names(link: LabelStudioLink, ids: set[int], settings: Settings) -> dict[int, str]:
+    now = time.monotonic()
     with _LOCK:
-        missing = {user for user in ids if (link.url, user) not in _KNOWN}
+        missing = {
+            user
+            for user in ids
+            if (link.url, user) not in _KNOWN and _RETRY_AT.get((link.url, user), 0.0) <= now
+        }
     if missing:
         try:
             users = gateway(link, settings).user_names()
@@ -69,5 +84,6 @@ def _names(link: LabelStudioLink, ids: set[int], settings: Settings) -> dict[int
             users = {}
         with _LOCK:
             _KNOWN.update(((link.url, user), name) for user, name in users.items())
+            _RETRY_AT.update(((link.url, user), now + RETRY_S) for user in missing - set(users))
     with _LOCK:
         return {user: _KNOWN[(link.url, user)] for user in ids if (link.url, user) in _KNOWN}

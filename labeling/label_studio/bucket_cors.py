@@ -9,13 +9,14 @@ bucket policy; `labelstudio connect` checks the rule and says what to set
 import fnmatch
 import json
 from collections.abc import Iterable
+from urllib.parse import urlsplit
 
 from botocore.exceptions import BotoCoreError, ClientError
 from sqlmodel import Session, col, select
 
 from labeling.label_studio.link import LabelStudioLink
 from services.config import Settings, web_origin
-from services.datasets.store import StoreUrl, s3_client
+from services.datasets.store import s3_client
 from services.models import Item, Project
 
 BUCKET_SAMPLE = 1000  # items whose bucket is read (a project's items share few buckets)
@@ -42,7 +43,8 @@ def presigned_buckets(session: Session, project: Project, link: LabelStudioLink)
         .where(Item.project_id == project.id, col(Item.uri).startswith("s3://"))
         .limit(BUCKET_SAMPLE)
     ).all()
-    return sorted({StoreUrl.parse(url).bucket for url in [*sources, *sample]} - {""})
+    # The host part is the bucket; the key may hold anything (a fragment naming a row, `%`).
+    return sorted({urlsplit(url).netloc for url in [*sources, *sample]} - {""})
 
 
 def allows(rules: Iterable[dict[str, object]], origin: str) -> bool:

@@ -146,7 +146,7 @@ def apply_events(
     """Apply stored Label Studio events in a fixed number of statements. Bad annotations (not
     our task, no single choice, a label outside the label set) are reported in their event's
     outcome and flag their items; they never stop the others. `names`: per project, Label
-    Studio user id -> email (`annotators.AnnotatorNames`)."""
+    Studio user id -> email (`annotators.pending_annotator_names`)."""
     outcomes = {event.id or 0: EventOutcome() for event in events}
     parsed_by_event: list[tuple[int, ParsedAnnotation]] = []
     deletions: dict[int, list[tuple[int, str]]] = {}  # project -> [(event, annotation id)]

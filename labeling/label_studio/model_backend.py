@@ -17,7 +17,7 @@ from labeling.label_studio.hand_off import cycle_scores
 from labeling.label_studio.payloads import prediction_payload, task_item, unanchored_prediction
 from services.artifacts import model_version_name
 from services.config import Settings
-from services.models import Cycle, Item, Project, ScoreChunk
+from services.models import Cycle, CycleState, Item, Project, ScoreChunk
 
 
 @dataclass(frozen=True)
@@ -29,11 +29,14 @@ class ServingModel:
 
 
 def serving_model(session: Session, project: Project) -> ServingModel | None:
-    """The newest cycle that scored the pool, and its model's name; None before any did."""
+    """The newest finished cycle that scored the pool, and its model's name (what its hand-off
+    gave every open task); None before any did. A cycle still scoring, or one that failed, has
+    not handed its version to Label Studio."""
     row = session.exec(
         select(Cycle.id, Cycle.model_version)
         .where(
             Cycle.project_id == project.id,
+            Cycle.state == CycleState.DONE,
             col(Cycle.model_version).is_not(None),
             col(Cycle.id).in_(
                 select(ScoreChunk.cycle_id).where(col(ScoreChunk.scores_key).is_not(None))

@@ -18,7 +18,7 @@ from labeling.label_studio.link import KIND, LabelStudioLink, gateway
 from labeling.label_studio.payloads import NOTE_KEY
 from services.config import Settings
 from services.db import session_scope
-from services.errors import FocalloopError
+from services.errors import FocalloopError, InvalidInput
 from services.models import Item, ItemStatus, LabelTask, LabelTaskState, Project
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ REFUSED = re.compile(r"^Label Studio annotation (\d+): (.*)$", re.DOTALL)
 
 def refusal_note(reason: str) -> str:
     """The header an annotator sees on the reopened task."""
-    return f"Your earlier answer could not be used: {reason} Please answer again."
+    return f"Your earlier answer could not be used: {reason.rstrip('. ')}. Please answer again."
 
 
 def _refused(engine: sa.Engine, project: Project) -> list[tuple[int, int, str]]:
@@ -64,12 +64,18 @@ def return_refused_answers(engine: sa.Engine, project: Project, settings: Settin
     remote = gateway(LabelStudioLink.of(project), settings)
     reopened = 0
     for task_id, annotation_id, reason in refused:
-        task = remote.task(task_id)
-        if not any(a.get("id") == annotation_id for a in task.get("annotations") or []):
-            continue  # deleted already (by us, or by its annotator)
-        data = dict(task.get("data") or {})
-        remote.update_task_data(task_id, {**data, NOTE_KEY: refusal_note(reason)})
-        remote.delete_annotation(annotation_id)
+        try:
+            task = remote.task(task_id)
+            if not any(a.get("id") == annotation_id for a in task.get("annotations") or []):
+                continue  # deleted already (by us, or by its annotator)
+            data = dict(task.get("data") or {})
+            remote.update_task_data(task_id, {**data, NOTE_KEY: refusal_note(reason)})
+            remote.delete_annotation(annotation_id)
+        except InvalidInput as error:
+            # The task or answer is gone from Label Studio (404) or refused for good: nothing
+            # to reopen there, and one such task must not hold the others back.
+            log.warning("task %s: refused answer not returned: %s", task_id, error)
+            continue
         reopened += 1
     return reopened
 

@@ -8,6 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import col, select
 
+from labeling.label_studio.annotators import pending_annotator_names
 from labeling.label_studio.events import (
     SYNC_ACTION,
     event_key,
@@ -104,7 +105,7 @@ def sync_annotations(engine: sa.Engine, project_name: str, settings: Settings) -
                     )
                 ).one()
                 event_ids.append(existing or 0)
-    rejected = ingest_pending(engine).rejected
+    rejected = ingest_pending(engine, names=pending_annotator_names(engine, settings)).rejected
     withdrawn = 0
     with session_scope(engine) as session:
         ours = {

@@ -84,7 +84,7 @@ class Deployment:
         self.port, self.label_studio_port = free_port(), free_port()
         update: dict[str, Any] = {"data_dir": folder / "data"}
         if arm == "beat-only":
-            update["start_cycles_on_ingest"] = False
+            update["start_due_cycles_at_once"] = False
         environment = child_environment(settings.model_copy(update=update))
         environment.pop("REDIS_URL", None)  # up starts its own redis-server
         self.arm = arm

@@ -105,7 +105,7 @@ def run_review(
     )
 
 
-def summary(runs: list[ReviewRun]) -> dict[str, dict[str, float]]:
+def summary(runs: list[ReviewRun]) -> dict[str, dict[str, float | None]]:
     """Per noise level: the figures above pooled over seeds, and the spread of the false-flag
     rate over seeds (min, median, max)."""
     table = {}
@@ -123,8 +123,9 @@ def summary(runs: list[ReviewRun]) -> dict[str, dict[str, float]]:
             "false_flags_per_100_clean_min": min(rates),
             "false_flags_per_100_clean_median": statistics.median(rates),
             "false_flags_per_100_clean_max": max(rates),
-            "precision": true_flags / flagged if flagged else float("nan"),
-            "recall": true_flags / wrong if wrong else float("nan"),
+            # None (JSON null) where there is nothing to divide by.
+            "precision": true_flags / flagged if flagged else None,
+            "recall": true_flags / wrong if wrong else None,
         }
     return table
 

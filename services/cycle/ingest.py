@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def ingest_stage(engine: sa.Engine, settings: Settings, step: Step) -> list[Step]:
     report = ingest_events(engine, step.event_ids)
     log.info("ingested %s", report)
-    if not settings.start_cycles_on_ingest:
+    if not settings.start_due_cycles_at_once:
         return []
     return [Step(Stage.TRAIN, cycle_id) for cycle_id in _start_due(engine, settings, step)]
 

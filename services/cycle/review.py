@@ -29,10 +29,11 @@ class ReviewCandidate:
 
 # The logistic regression's inverse regularization strengths tried; the one whose out-of-fold
 # probabilities have the lowest log loss judges. One fixed C cannot fit every input: C = 10 (used
-# until 2026-11-30) overfits the demo's 1,024 pixels at a few hundred labels (its cross-fitted
-# accuracy 0.71 with 10% noise; 15 false flags per 100 correct labels), while C = 0.01, right for
-# those pixels, gives the 13 features of scikit-learn's wine data probabilities too flat to flag
-# anything. Larger Cs cost the most time on wide inputs and were rarely chosen.
+# until 2026-11-30) overfits the demo's 1,024 pixels at a few hundred labels (cross-fitted
+# accuracy 0.71 at 300 labels with 10% noise; `focalloop bench review`, 3 seeds: 15 false flags
+# per 100 correct labels), while C = 0.01, right for those pixels, gives the 13 features of
+# scikit-learn's wine data probabilities too flat to flag anything. Larger Cs cost the most time
+# on wide inputs and were rarely chosen.
 REVIEW_CS = (0.01, 0.1, 1.0)
 
 

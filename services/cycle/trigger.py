@@ -18,10 +18,10 @@ from services.cron import retrain_crontab
 from services.cycle.budget import budget_spent, labels_after, labels_since_last_cycle
 from services.cycle.start import active_cycle, start_cycle
 from services.datasets.snapshot import committed_versions, get_version, snapshot
-from services.db import session_scope
-from services.errors import Conflict, InvalidInput
+from services.db import lock_for_write, session_scope
+from services.errors import Conflict, InvalidInput, NotFound
 from services.models import Annotation, Cycle, Item, ItemStatus, Project, utcnow
-from services.projects import get_project, list_projects
+from services.projects import list_projects
 from services.promotion import newest_model
 
 log = logging.getLogger("focalloop.cycle")
@@ -57,11 +57,19 @@ def open_tasks(session: Session, project: Project) -> int:
 
 def queue_low(session: Session, project: Project) -> int | None:
     """The open task count when the project's labeling queue needs refilling, else None. Only
-    a labeler whose people answer later has a queue; 0 turns the refill off."""
+    a labeler whose people answer later has a queue; 0 turns the refill off; a pool with no
+    unlabeled item left has nothing to refill it with."""
     if not project.refill_below or not answers_later(project):
         return None
     waiting = open_tasks(session, project)
-    return waiting if waiting < project.refill_below else None
+    if waiting >= project.refill_below:
+        return None
+    left = session.exec(
+        select(Item.id)
+        .where(Item.project_id == project.id, Item.status == ItemStatus.UNLABELED)
+        .limit(1)
+    ).first()
+    return waiting if left is not None else None
 
 
 def cron_due(project: Project, last_start: datetime | None, now: datetime) -> bool:
@@ -136,9 +144,19 @@ def maybe_start_cycle(
     version are first committed as a new one, so the cycle trains on them."""
     now = now or utcnow()
     with session_scope(engine) as session:
-        # Under the project's write lock: ingest tasks running side by side ask at once, and
-        # only one may commit the new labels as a version and start the cycle.
-        project = get_project(session, project_name, for_update=True)
+        # Under a lock on the project's row: ingest tasks running side by side ask at once, and
+        # only one may commit the new labels as a version and start the cycle. FOR NO KEY
+        # UPDATE on PostgreSQL, so answers being stored (their foreign key share-locks the row)
+        # do not wait for the snapshot; SQLite's write lock otherwise.
+        lock_for_write(session)
+        project = session.exec(
+            select(Project)
+            .where(Project.name == project_name)
+            .with_for_update(key_share=True)
+            .execution_options(populate_existing=True)
+        ).first()
+        if project is None:
+            raise NotFound(f"no project named {project_name!r}")
         if project.paused or active_cycle(session, project) is not None:
             return None
         trigger = _due(session, project, now)

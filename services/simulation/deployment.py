@@ -55,7 +55,6 @@ def embedded_settings(base: Settings, folder: Path) -> Settings:
             "source_roots": [f"file://{folder}"],
             "store_roots": [],
             "broker_url": "memory://",
-            "start_cycles_on_ingest": False,
         }
     )
 

@@ -16,7 +16,6 @@ from labeling.label_studio.gateway import LabelStudioGateway
 from labeling.label_studio.server import LocalLabelStudio
 from services import db
 from services.artifacts import model_version_name
-from services.auth import create_token
 from services.config import Settings
 from services.cycle.trigger import maybe_start_cycle
 from services.models import Cycle, LabelTaskState
@@ -130,9 +129,18 @@ def test_label_studio_uses_focalloop_as_its_model_backend(
     assert httpx.get(f"{backend}/health", auth=("label-studio", "wrong")).status_code == 401
     assert httpx.post(f"{backend}/predict", json={"tasks": []}).status_code == 401
     assert httpx.post(f"{backend}/webhook", json={"action": "START_TRAINING"}).status_code == 401
-    with db.session_scope(engine) as session:
-        _, elsewhere = create_token(session, name="other", scope="admin", actor="test")
-    assert httpx.get(f"{backend}/health", auth=("ls", elsewhere)).status_code == 200
+    other = make_digits_project(engine, ls_settings, digits, tmp_path / "other", n_items=40)
+    elsewhere = project_token(engine, other.name, "admin")
+    assert httpx.get(f"{backend}/health", auth=("ls", elsewhere)).status_code == 403
+    assert httpx.get(f"{backend}/health", auth=("ls", reader)).status_code == 200
+    # Label Studio posts JSON; a form or text body (what a cross-site page can send) is refused.
+    text = httpx.post(
+        f"{backend}/webhook",
+        content='{"action": "START_TRAINING"}',
+        headers={"Content-Type": "text/plain"},
+        auth=("ls", reader),
+    )
+    assert text.status_code == 415
 
     # Added as a user adds a model: Label Studio checks /health and /setup itself.
     admin = LabelStudioAdmin(label_studio, ls_token)

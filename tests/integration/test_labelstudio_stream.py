@@ -8,13 +8,17 @@ model's guess selected."""
 from pathlib import Path
 
 import sqlalchemy as sa
+from sqlmodel import select
 
 from labeling.label_studio.gateway import LabelStudioGateway
 from labeling.label_studio.server import LocalLabelStudio
 from services import db
 from services.config import Settings
+from services.cycle.flow import Stage, Step
+from services.cycle.ingest import pending_events
+from services.cycle.stages import run_step
 from services.cycle.trigger import maybe_start_cycle
-from services.models import Cycle, ItemStatus, LabelTask, LabelTaskState
+from services.models import Annotation, Cycle, ItemStatus, LabelTask, LabelTaskState
 from services.projects import get_project
 from services.status import queue_status
 from tests.conftest import Digits
@@ -177,3 +181,44 @@ def test_open_task_counts_agree_with_label_studios(
         *[LabelTaskState.ANSWERED] * 4,
         *[LabelTaskState.OPEN] * 2,  # skipped
     ]
+
+
+def test_the_answer_that_leaves_the_queue_low_starts_the_next_cycle_at_once(
+    sqlite_engine: sa.Engine,
+    ls_settings: Settings,
+    label_studio: LocalLabelStudio,
+    annotator: LabelStudioGateway,
+    api: ApiServer,
+    digits: Digits,
+    tmp_path: Path,
+) -> None:
+    """The ingest stage (what the `ingest` task runs for a webhook) asks for the next cycle
+    itself: the first answer of a 20-task batch leaves 19 open, under the project's
+    `refill_below` of one batch, and the cycle starts without waiting for beat. The answer is
+    stored under the annotator's Label Studio email."""
+    engine = sqlite_engine
+    project = make_digits_project(engine, ls_settings, digits, tmp_path / "p", n_items=120)
+    connect(engine, project.name, label_studio, ls_settings)
+    first_cycle(engine, project.name, ls_settings)
+    (task, *_) = tasks_of(engine, project.name)
+    external = item_of(engine, task.item_id).external_id
+    label = true_label(digits, external)
+    annotator.annotate(int(task.external_task_id or 0), label, modality="features")
+    project_id = project_id_of(engine, project.name)
+    wait_for(lambda: inbox_count(engine, project_id) == 1, what="the webhook")
+    with db.session_scope(engine) as session:
+        pending = tuple(pending_events(session))
+    off = ls_settings.model_copy(update={"start_due_cycles_at_once": False})
+    assert run_step(engine, off, Step(Stage.INGEST, event_ids=pending)) == []
+    with db.session_scope(engine) as session:
+        stored = session.exec(select(Annotation).where(Annotation.item_id == task.item_id)).one()
+    assert stored.annotator == annotator.whoami()  # the admin's email, not label-studio-user-1
+    # The same answer ingested again (a redelivered message) starts the cycle now.
+    (train,) = run_step(engine, ls_settings, Step(Stage.INGEST, event_ids=pending))
+    assert train.stage == Stage.TRAIN
+    with db.session_scope(engine) as session:
+        started = session.get(Cycle, train.target)
+        assert started is not None
+        assert started.trigger == "queue low: 19 open tasks (refill below 20)"
+    # While it runs, another answer starts nothing more.
+    assert run_step(engine, ls_settings, Step(Stage.INGEST, event_ids=pending)) == []

@@ -48,7 +48,18 @@ JSON_BODY: dict[str, Any] = {
 BODY_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "the body is not a JSON object (or lacks what the call needs)"},
     413: {"description": "the body is too large"},
+    415: {"description": "the body is not declared application/json"},
 }
+
+
+async def json_body(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object. Only `application/json` is read: Label Studio sends nothing
+    else, and a page on another site can post a text or form body with credentials a browser
+    remembered for basic auth, but not JSON without a CORS preflight we never grant."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise HTTPException(415, "send the body as application/json")
+    return json_object(await read_capped(request, limit))
 
 
 @router.get("/health")
@@ -74,7 +85,7 @@ async def setup(
 ) -> dict[str, str]:
     """Label Studio's connection check; answers the model version it will find on our tasks.
     The body (which holds its owner's token) is read to the cap and dropped."""
-    json_object(await read_capped(request, settings.api_max_body_bytes))
+    await json_body(request, settings.api_max_body_bytes)
     return {"model_version": await run_in_threadpool(_version, engine, project)}
 
 
@@ -93,7 +104,7 @@ async def predict(
     _: Principal = BasicRead,
 ) -> dict[str, list[dict[str, Any]]]:
     """{"results": one prediction per task of the body's "tasks", in their order}."""
-    body = json_object(await read_capped(request, settings.predict_max_body_bytes))
+    body = await json_body(request, settings.predict_max_body_bytes)
     tasks = body.get("tasks")
     if not isinstance(tasks, list) or not all(isinstance(task, dict) for task in tasks):
         raise HTTPException(400, '"tasks" must be a list of task objects')
@@ -119,7 +130,7 @@ async def webhook(
 ) -> dict[str, Any]:
     """ "Start training" starts a cycle (a write token's; 409 while one runs); other actions
     are acknowledged and ignored."""
-    body = json_object(await read_capped(request, settings.api_max_body_bytes))
+    body = await json_body(request, settings.api_max_body_bytes)
     if body.get("action") != START_TRAINING:
         return {"status": "ignored"}
     if not who.allows(TokenScope.WRITE):
