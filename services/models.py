@@ -171,9 +171,7 @@ class Project(SQLModel, table=True):
         description="Who answers hand-offs: {kind: none | simulated | label_studio, ...}.",
     )
     refill_below: int = Field(default=0, description="Start a cycle under this many open tasks.")
-    seed: int = Field(
-        default=0, description="Every cycle's random choices derive from it: runs repeat."
-    )
+    seed: int = Field(default=0, description="Cycles' random choices derive from it: runs repeat.")
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
