@@ -14,9 +14,10 @@ Measured from the annotator's side (Label Studio's own counts, polled every `POL
                      annotator had run dry)
 
 Arms, each a fresh deployment: `refill` (the defaults: the queue is refilled under one batch of
-open tasks, and each ingest asks for the next cycle at once) and `beat-only` (the code's behaviour
-before: `refill_below` 0 and no start on ingest, so only beat's tick after enough new labels
-starts a cycle), the baseline of the same run.
+open tasks, and each ingest and the worker's start ask for due cycles at once) and `beat-only`
+(the code's behaviour before: `refill_below` 0 and `start_due_cycles_at_once` off, so only
+beat's tick starts a cycle: the first one interval after beat starts, the next ones after enough
+new labels), the baseline of the same run.
 """
 
 import json
