@@ -91,6 +91,12 @@ class Settings(BaseSettings):
         default=None,
         description="S3-compatible endpoint (MinIO); None = boto3's own (AWS_ENDPOINT_URL_S3).",
     )
+    s3_public_endpoint_url: str | None = Field(
+        default=None,
+        description="The S3 endpoint as annotators' browsers reach it, which presigned image "
+        "links are signed for (MinIO on a private network behind a published port); None = "
+        "s3_endpoint_url.",
+    )
     s3_region: str | None = Field(default=None, description="None = boto3's own default.")
     s3_access_key_id: str | None = Field(default=None, description="None = boto3's chain.")
     s3_secret_access_key: SecretStr | None = Field(default=None, description="None = boto3's.")
@@ -146,6 +152,12 @@ class Settings(BaseSettings):
             "Where the labeling tool reaches our API (webhooks, media links): the URL as seen "
             "from the Label Studio server, without a trailing /api."
         ),
+    )
+    media_base_url: str | None = Field(
+        default=None,
+        description="Where annotators' browsers reach our API, for the image links tasks "
+        "carry (Label Studio shows them from the browser); None = api_url, right when Label "
+        "Studio and the browsers reach the API at one address.",
     )
     label_studio_origins: list[str] = Field(
         default_factory=list,

@@ -79,6 +79,13 @@ def bucket_cors_problems(
             rules = s3_client(settings).get_bucket_cors(Bucket=bucket).get("CORSRules", [])
         except ClientError as error:
             code = error.response.get("Error", {}).get("Code", "")
+            if code == "NotImplemented":
+                problems.append(
+                    f"bucket {bucket}: this S3 server keeps no CORS rules per bucket (MinIO "
+                    "allows the origins in MINIO_API_CORS_ALLOW_ORIGIN, all by default); "
+                    "not checked"
+                )
+                continue
             if code != "NoSuchCORSConfiguration":
                 problems.append(f"bucket {bucket}: its CORS rules could not be read ({code})")
                 continue

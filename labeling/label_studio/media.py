@@ -58,7 +58,11 @@ def media_url(project: Project, item: Item, link: LabelStudioLink, settings: Set
         if not item.uri.startswith("s3://"):
             raise InvalidInput(f"item {item.external_id!r} is not in S3; presigned links need S3")
         source = StoreUrl.parse(item.uri)
-        return s3_client(settings).generate_presigned_url(
+        # Made for the address the browser fetches from: a SigV4 signature covers the host, so
+        # a link made for the inside address cannot be rewritten to the outside one.
+        public = settings.s3_public_endpoint_url or settings.s3_endpoint_url
+        signer = s3_client(settings.model_copy(update={"s3_endpoint_url": public}))
+        return signer.generate_presigned_url(
             "get_object",
             Params={"Bucket": source.bucket, "Key": source.root},
             ExpiresIn=settings.media_url_ttl_s,
@@ -69,4 +73,5 @@ def media_url(project: Project, item: Item, link: LabelStudioLink, settings: Set
             "signature": media_signature(settings, project.name, item.id or 0, expires),
         }
     )
-    return f"{settings.api_url.rstrip('/')}/api/v1/media/{quote(project.name)}/{item.id}?{query}"
+    base = (settings.media_base_url or settings.api_url).rstrip("/")
+    return f"{base}/api/v1/media/{quote(project.name)}/{item.id}?{query}"

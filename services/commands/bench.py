@@ -468,13 +468,18 @@ def bench_review(
     for column in ("labels", "false flags / 100 correct", "min-max over seeds", "precision"):
         table.add_column(column, justify="left" if column == "labels" else "right")
     table.add_column("recall", justify="right")
+
+    def shown(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
     for name, row in summary(runs).items():
         table.add_row(
             name,
-            f"{row['false_flags_per_100_clean']:.2f}",
-            f"{row['false_flags_per_100_clean_min']:.2f}-{row['false_flags_per_100_clean_max']:.2f}",
-            f"{row['precision']:.2f}",
-            f"{row['recall']:.2f}",
+            shown(row["false_flags_per_100_clean"]),
+            f"{shown(row['false_flags_per_100_clean_min'])}-"
+            f"{shown(row['false_flags_per_100_clean_max'])}",
+            shown(row["precision"]),
+            shown(row["recall"]),
         )
     console.print(table)
     if json_path is not None:

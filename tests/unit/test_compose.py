@@ -24,6 +24,18 @@ def test_compose_parses_and_dependencies_exist() -> None:
             assert dependency in services, f"{name} depends on unknown {dependency}"
 
 
+def test_image_links_point_where_a_browser_can_reach_them() -> None:
+    # Label Studio shows images from the annotator's browser, which cannot resolve the
+    # services' names on the compose network: links use the published ports.
+    services = compose()["services"]
+    environment = services["api"]["environment"]
+    assert environment["FOCALLOOP_API_URL"] == "http://api:8000"  # Label Studio -> API
+    assert environment["FOCALLOOP_MEDIA_BASE_URL"] == "http://localhost:8000"
+    assert "8000:8000" in services["api"]["ports"]
+    assert environment["FOCALLOOP_S3_PUBLIC_ENDPOINT_URL"] == "http://localhost:9000"
+    assert "9000:9000" in services["minio"]["ports"]
+
+
 def test_redis_keeps_queued_tasks() -> None:
     command = compose()["services"]["redis"]["command"]
     assert command[command.index("--appendonly") + 1] == "yes"
