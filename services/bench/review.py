@@ -5,8 +5,9 @@ Each seed labels the demo's digits (32x32 images as the network sees them, [0, 1
 project grows: batches of `batch` items drawn at random, answered by the simulated annotator
 (`labeling.simulated.simulated_answer`: with probability `noise` a uniformly drawn wrong class),
 up to `labels`. After every batch the product's `review_candidates` runs on every label so far
-with the Label Studio defaults (threshold, per-cycle limit), and each item is reviewed at most
-once, as `plan_reviews` does. Counted over the whole run:
+with the Label Studio defaults (the threshold unless `--threshold` is given, the per-cycle
+limit), and each item is reviewed at most once, as `plan_reviews` does. Counted over the whole
+run:
 
     false flags per 100 clean   flags on correct labels per 100 correct labels
     precision                   flags on wrong labels / flags
@@ -68,7 +69,13 @@ def dataset(name: str) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
 
 
 def run_review(
-    seed: int, noise: float, *, labels: int, batch: int, data: str = "digits"
+    seed: int,
+    noise: float,
+    *,
+    labels: int,
+    batch: int,
+    data: str = "digits",
+    threshold: float = DEFAULT_REVIEW_THRESHOLD,
 ) -> ReviewRun:
     images, truth = dataset(data)
     n_classes = int(truth.max()) + 1
@@ -88,7 +95,7 @@ def run_review(
             given[:size],
             rows.astype(np.int64),
             n_classes=n_classes,
-            threshold=DEFAULT_REVIEW_THRESHOLD,
+            threshold=threshold,
             limit=DEFAULT_REVIEWS_PER_CYCLE,
             seed=seed * 1000 + size,
         )
@@ -136,11 +143,12 @@ def bench_review(
     labels: int = 300,
     batch: int = 20,
     data: str = "digits",
+    threshold: float = DEFAULT_REVIEW_THRESHOLD,
     noises: tuple[float, ...] = (0.0, 0.1),
 ) -> list[ReviewRun]:
     dataset(data)  # a bad name fails before any work
     return [
-        run_review(seed, noise, labels=labels, batch=batch, data=data)
+        run_review(seed, noise, labels=labels, batch=batch, data=data, threshold=threshold)
         for noise in noises
         for seed in range(seeds)
     ]

@@ -455,6 +455,9 @@ def bench_review(
     labels: Annotated[int, typer.Option(min=20, help="Labels at the end of a run.")] = 300,
     batch: Annotated[int, typer.Option(min=1, help="Labels per cycle.")] = 20,
     data: Annotated[str, typer.Option(help="digits, wine or breast_cancer.")] = "digits",
+    threshold: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Review threshold (default: connect's).")
+    ] = 0.05,
     json_path: JsonOption = None,
 ) -> None:
     """The label-noise review on a project's schedule: false flags per 100 correct labels,
@@ -463,8 +466,11 @@ def bench_review(
     from services.bench.review import bench_review, summary
     from services.ml.train import resolve_device
 
-    runs = bench_review(seeds=seeds, labels=labels, batch=batch, data=data)
-    table = Table(title=f"review on {data}: {labels} labels in batches of {batch}, {seeds} seeds")
+    runs = bench_review(seeds=seeds, labels=labels, batch=batch, data=data, threshold=threshold)
+    table = Table(
+        title=f"review on {data}, threshold {threshold:g}: {labels} labels in batches of "
+        f"{batch}, {seeds} seeds"
+    )
     for column in ("labels", "false flags / 100 correct", "min-max over seeds", "precision"):
         table.add_column(column, justify="left" if column == "labels" else "right")
     table.add_column("recall", justify="right")

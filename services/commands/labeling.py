@@ -31,7 +31,7 @@ def connect(
         float | None,
         typer.Option(
             help="Send a label to review when its cross-fitted probability is below this "
-            "(default 0.01)."
+            "(default 0.05)."
         ),
     ] = None,
     reviews_per_cycle: Annotated[
