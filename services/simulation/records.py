@@ -13,7 +13,8 @@ METRICS = ("minority_f1", "minority_recall", "macro_f1", "ece")
 class RoundRecord:
     """After a cycle: labels spent so far (the dataset version it trained on: initial labels
     and every answer, evaluation items included), the current model's test metrics, the
-    minority labels among them, and its validation minority F1 (None without a split)."""
+    minority labels among them, its validation minority F1 (None without a split), and every
+    class's test F1 [C] (for figures over several rare classes)."""
 
     labels: int
     minority_f1: float
@@ -22,6 +23,7 @@ class RoundRecord:
     ece: float
     minority_labels: int
     val_minority_f1: float | None
+    per_class_f1: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

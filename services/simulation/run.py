@@ -187,6 +187,7 @@ def _measure(
         ece=report.ece,
         minority_labels=int((version.class_counts or {}).get(deployment.labels[minority], 0)),
         val_minority_f1=float(validation["per_class"][minority]["f1"]) if validation else None,
+        per_class_f1=tuple(scores.f1 for scores in report.per_class),
     )
 
 
