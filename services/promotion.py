@@ -5,6 +5,7 @@ from sqlmodel import Session, col, select
 
 from services.audit import record
 from services.errors import Conflict, InvalidInput, NotFound
+from services.gate import gate_config
 from services.models import ModelVersion, Project, Promotion, utcnow
 from services.projects import get_project
 
@@ -84,3 +85,33 @@ def make_current(
         detail={"replaced": replaced},
     )
     return model
+
+
+def rejections_in_a_row(session: Session, project: Project) -> int:
+    """How many of the newest models the gate rejected, counted back to the last one it did
+    not reject."""
+    count = 0
+    for promotion in session.exec(
+        select(ModelVersion.promotion)
+        .where(ModelVersion.project_id == project.id)
+        .order_by(col(ModelVersion.version).desc())
+        .limit(1000)
+    ):
+        if promotion != Promotion.REJECTED:
+            break
+        count += 1
+    return count
+
+
+def gate_alert(session: Session, project: Project) -> str | None:
+    """A warning when the gate rejected the project's newest `alert_after_rejections` models or
+    more: the current model is getting old while labels keep arriving (None otherwise)."""
+    count = rejections_in_a_row(session, project)
+    if count < gate_config(project).alert_after_rejections:
+        return None
+    current = current_model(session, project)
+    serving = f"m{current.version}" if current is not None else "no model"
+    return (
+        f"project {project.name!r}: the gate rejected the last {count} models in a row; "
+        f"{serving} still scores the pool (see `focalloop model list {project.name}`)"
+    )

@@ -36,6 +36,7 @@ from services.models import (
     Promotion,
     ScoreChunk,
 )
+from services.promotion import rejections_in_a_row
 from services.status import HUMAN_SOURCES, cycle_view, headline_report
 
 # Cycle durations span seconds (a cold start) to hours (a large pool on one GPU).
@@ -113,6 +114,16 @@ class StateCollector(Collector):
         )
         rejected = CounterMetricFamily(
             "focalloop_models_rejected", "Models the promotion gate rejected.", labels=["project"]
+        )
+        in_a_row = GaugeMetricFamily(
+            "focalloop_gate_rejections_in_a_row",
+            "The newest models the gate rejected one after another (0 after a promotion).",
+            labels=["project"],
+        )
+        gate_alerting = GaugeMetricFamily(
+            "focalloop_gate_alert",
+            "1 while the gate rejected at least alert_after_rejections models in a row.",
+            labels=["project"],
         )
         labels_total = CounterMetricFamily(
             "focalloop_labels", "Human answers stored (skips excluded).", labels=["project"]
@@ -215,6 +226,11 @@ class StateCollector(Collector):
                         ).one()
                     ),
                 )
+                streak = rejections_in_a_row(session, project)
+                in_a_row.add_metric([name], streak)
+                gate_alerting.add_metric(
+                    [name], int(streak >= gate_config(project).alert_after_rejections)
+                )
                 count, newest = session.execute(
                     sa.select(func.count(), func.max(col(Annotation.created_at))).where(
                         col(Annotation.project_id) == pid,
@@ -257,6 +273,8 @@ class StateCollector(Collector):
             macro_f1,
             version,
             rejected,
+            in_a_row,
+            gate_alerting,
             labels_total,
             last_label,
             refused,

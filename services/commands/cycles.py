@@ -149,6 +149,7 @@ def cycle_status(
     from services.db import session_scope
     from services.models import Cycle
     from services.projects import get_project
+    from services.promotion import gate_alert
     from services.status import cycle_view
 
     with session_scope(engine_for()) as session:
@@ -160,6 +161,7 @@ def cycle_status(
             .limit(last)
         ).all()
         summaries = [cycle_view(session, row).to_dict() for row in rows]
+        alert = gate_alert(session, project)
     if json_out:
         console.print_json(json.dumps(summaries))
         return
@@ -176,6 +178,8 @@ def cycle_status(
             _reason(summary),
         )
     console.print(table)
+    if alert is not None:
+        console.print(f"[bold yellow]gate alert[/] {alert}")
 
 
 def _reason(summary: dict[str, Any]) -> str:

@@ -327,6 +327,10 @@ def up(
                 processes.append(child)
             _wait_until_healthy(f"{api_url}/api/v1/health", processes, timeout_s=60)
             _summary(settings, api_url, token_file, created_token, broker_note, label_studio_url)
+            from services.commands.gate_watch import GateWatch
+
+            watch = GateWatch(engine, console)
+            watch.start()
             try:
                 while all(process.poll() is None for process in processes):
                     time.sleep(0.5)
@@ -335,6 +339,8 @@ def up(
                 raise typer.Exit(1)
             except KeyboardInterrupt:
                 console.print("stopping...")
+            finally:
+                watch.stop()
         else:
             in_process = settings.model_copy(update={"broker_url": "memory://"})
             _summary(
@@ -359,6 +365,7 @@ def _serve_in_process(settings: Settings, engine: sa.Engine, port: int) -> None:
 
     from services import logs
     from services.api.app import create_app
+    from services.commands.gate_watch import GateWatch
     from services.cycle.runner import InProcessLoop
 
     # The terminal keeps the summary; the API's and the loop's lines go to the logs folder.
@@ -369,6 +376,8 @@ def _serve_in_process(settings: Settings, engine: sa.Engine, port: int) -> None:
     )
     loop = InProcessLoop(engine, settings)
     loop.start()
+    watch = GateWatch(engine, console)
+    watch.start()
     try:
         uvicorn.run(
             create_app(settings, engine=engine),
@@ -378,6 +387,7 @@ def _serve_in_process(settings: Settings, engine: sa.Engine, port: int) -> None:
             access_log=False,
         )
     finally:
+        watch.stop()
         loop.stop()
         loop.join(timeout=60)
 

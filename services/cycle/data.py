@@ -18,6 +18,7 @@ from services.datasets.snapshot import get_version
 from services.datasets.store import DatasetStore, open_store
 from services.datasets.versions import read_version
 from services.errors import PermanentError
+from services.evaluation_set import released_eval_ids
 from services.models import Cycle, Item, ItemStatus, Project
 
 
@@ -66,7 +67,8 @@ def training_rows(
     session: Session, project: Project, version: int, settings: Settings
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """Labels [m] (class indices) and item ids [m] (database ids) of a committed dataset
-    version's training rows: every row but the evaluation set's, which is never trained on."""
+    version's training rows: every row but the held evaluation items' (those released into
+    training, having judged their models, train)."""
     store = project_store(project, settings)
     _, table = read_version(store, project.name, version)
     external_ids = table["item_id"].to_pylist()
@@ -86,10 +88,11 @@ def training_rows(
     missing = [e for e in external_ids if e not in found]
     if missing:
         raise PermanentError(f"dataset v{version} names items not in the pool, e.g. {missing[:5]}")
+    released = released_eval_ids(session, project)
     kept = [
         (found[e][0], label)
         for e, label in zip(external_ids, labels, strict=True)
-        if not found[e][1]
+        if not found[e][1] or found[e][0] in released
     ]
     return (
         np.array([label for _, label in kept], dtype=np.int64),

@@ -10,7 +10,7 @@ from numpy.typing import NDArray
 from services.artifacts import Scorer, predict
 from services.config import Settings
 from services.evaluation_set import EvalLabels
-from services.gate import Decision, GateConfig, decide
+from services.gate import Decision, Evidence, GateConfig, decide
 from services.ml.checkpoint import Checkpoint
 from services.ml.metrics import EvaluationReport, default_minority_class, evaluate
 from services.ml.train import TrainResult
@@ -27,8 +27,8 @@ class Judged:
 
 @dataclass(frozen=True)
 class EvaluationSet:
-    """The labeled evaluation items: their ids and labels, and their inputs [n, *shape] (None
-    when no evaluation item is labeled yet)."""
+    """The labeled evaluation items neither model trained on: their ids and labels, and their
+    inputs [n, *shape] (None when there are none)."""
 
     labels: EvalLabels
     items: NDArray[np.float32] | None
@@ -43,17 +43,18 @@ class _Judge:
     gamma: float
     settings: Settings
 
-    def report(
-        self, scorer: Scorer, inputs: NDArray[np.float32], truth: list[int]
-    ) -> EvaluationReport:
-        """`scorer`'s metrics on items [n, *shape] whose labels are `truth` [n]."""
-        probs = predict(scorer, inputs, self.settings).probs
+    def report(self, probs: NDArray[np.float32], truth: list[int]) -> EvaluationReport:
+        """Metrics of probabilities [n, C] for items whose labels are `truth` [n]."""
         return evaluate(
             probs,
             np.asarray(truth, dtype=np.int64),
             minority_class=self.minority,
             focal_gamma=self.gamma,
         )
+
+    def probs(self, scorer: Scorer, inputs: NDArray[np.float32]) -> NDArray[np.float32]:
+        """`scorer`'s probabilities [n, C] for items [n, *shape]."""
+        return predict(scorer, inputs, self.settings).probs
 
 
 def judge(
@@ -83,23 +84,33 @@ def judge(
     validation = None
     if len(result.val_indices):
         validation = judged_by.report(
-            result, items[result.val_indices], targets[result.val_indices].tolist()
+            judged_by.probs(result, items[result.val_indices]),
+            targets[result.val_indices].tolist(),
         )
+    truth = np.asarray(evaluation.labels.labels, dtype=np.int64)
     candidate = old = None
+    candidate_predicted, current_predicted = truth, None
     if evaluation.items is not None:
-        truth = evaluation.labels.labels
-        candidate = judged_by.report(result, evaluation.items, truth)
+        candidate_probs = judged_by.probs(result, evaluation.items)
+        candidate = judged_by.report(candidate_probs, evaluation.labels.labels)
+        candidate_predicted = candidate_probs.argmax(axis=1)
         if current is not None:
-            old = judged_by.report(current, evaluation.items, truth)
-    per_class = evaluation.labels.per_class(n_classes)
+            current_probs = judged_by.probs(current, evaluation.items)
+            old = judged_by.report(current_probs, evaluation.labels.labels)
+            current_predicted = current_probs.argmax(axis=1)
     decision = decide(
         labels=labels,
-        per_class_counts=per_class,
-        candidate=candidate,
-        current=old,
+        evidence=Evidence(
+            truth=truth,
+            candidate=candidate_predicted,
+            current=current_predicted,
+            fit_truth=targets,
+            fit_predicted=judged_by.probs(result, items).argmax(axis=1),
+        ),
         config=gate,
         has_current=has_current,
     )
+    per_class = evaluation.labels.per_class(n_classes)
     metrics = _metrics(labels, result, per_class, validation, candidate, old)
     return Judged(metrics, decision)
 

@@ -231,7 +231,15 @@ def _record(
         model = record_model(session, project, cycle, result, prefix, judged)
         # A rejected model is kept for the record; the current one goes on scoring.
         scorer = model if model.promotion == Promotion.CURRENT else current_model(session, project)
-        assert scorer is not None  # a model is rejected only against a current one
+        if scorer is None:
+            # The first model was refused (collapsed): nothing can score, so this cycle picks
+            # its batch as a cold start does, and the next one trains from scratch.
+            cycle.lease_expires_at = None
+            session.add(cycle)
+            session.flush()
+            transition_cycle(session, cycle_id, CycleState.SCORING)  # with nothing to score
+            transition_cycle(session, cycle_id, CycleState.SELECTING)
+            return [Step(Stage.SELECT, cycle_id)]
         plan_reviews(
             session, project, cycle_id, reviews, model_version_name(project, scorer.version)
         )

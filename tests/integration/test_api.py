@@ -75,7 +75,7 @@ def test_a_project_is_run_and_watched_through_the_api(
             "modality": "features",
             "batch_size": 20,
             "retrain_min_new_labels": 20,
-            "gate": {"eval_fraction": 0.05, "min_labels_per_class": 1},
+            "gate": {"eval_fraction": 0.05, "alert_after_rejections": 2},
             # Seed 1: the first cycle's k-means picks include an eight, so the second cycle
             # has two classes to train on (seed 0's ten picks hold none).
             "seed": 1,
@@ -155,7 +155,10 @@ def test_a_project_is_run_and_watched_through_the_api(
     assert list(latest["durations_s"]) == [e["state"] for e in timeline[:-1]]
     assert latest["duration_s"] > 0 and latest["scoring_items_per_s"] > 0
     one = client.get(f"/api/v1/projects/{name}/cycles/{first}", headers=read).json()
-    assert (one["cold_start_picks"], one["selected_count"]) == (10, 20)
+    assert (one["cold_start_picks"], one["selected_count"]) == (
+        16,
+        20,
+    )  # 4 evaluation items lead the batch (eval_batch_share 0.2)
     assert client.get(f"/api/v1/projects/{name}/cycles/999999", headers=read).status_code == 404
 
     models = client.get(f"/api/v1/projects/{name}/models", headers=read).json()

@@ -42,7 +42,7 @@ CHANGES: list[dict[str, Any]] = [
     {"gate": {"eval_cap": 1234}},
     {"gate": {"eval_batch_share": 0.3}},
     {"gate": {"recall_tolerance": 0.07}},
-    {"gate": {"min_labels_per_class": 3}},
+    {"gate": {"macro_f1_tolerance": 0.03}},
 ]
 
 

@@ -185,7 +185,7 @@ def test_the_budget_counts_every_answer_and_its_last_labels_are_trained_on(
         tmp_path,
         label_budget=50,
         retrain_min_new_labels=20,
-        gate={"eval_fraction": 0.1, "min_labels_per_class": 1},
+        gate={"eval_fraction": 0.1},
     )
     cycles: list[Cycle] = []
     while (cycle := maybe_start_cycle(engine, project.name, settings)) is not None:

@@ -44,6 +44,7 @@ def test_every_metric_the_alert_rules_query_is_exported(exported: set[str]) -> N
     assert {rule["alert"] for rule in rules} == {
         "FocalloopClassRecallBelowTarget",
         "FocalloopHardExampleRateSpike",
+        "FocalloopGateRejectingEveryModel",
         "FocalloopCyclesFailing",
         "FocalloopWebhookRejections",
         "FocalloopNoLabelsForADay",
