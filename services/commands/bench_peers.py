@@ -24,14 +24,17 @@ def bench_peers(
     group: Annotated[
         str, typer.Option(help="suite (fixed before tuning), check (added after) or all.")
     ] = "suite",
-    arm: Annotated[list[str] | None, typer.Option("--arm", help="Arms (default: all).")] = None,
+    arm: Annotated[
+        list[str] | None,
+        typer.Option("--arm", help="Arms (default: all but focalloop-random)."),
+    ] = None,
     seeds: Annotated[int, typer.Option(min=2, help="Seeds 0..N-1 per arm.")] = 10,
     workers: Annotated[int, typer.Option(min=1, help="Processes running jobs.")] = 2,
     json_path: JsonOption = None,
 ) -> None:
     """Mean rare-class F1 over 20-300 labels and at 300, focalloop vs scikit-activeml (paired by
     seed: same split, initial labels and annotator answers)."""
-    from services.bench.peers.run import ARMS, Curve, run_peers
+    from services.bench.peers.run import DEFAULT_ARMS, Curve, run_peers
     from services.bench.peers.suite import CHECK, SUITE
     from services.bench.peers.summary import summarize
     from services.bench.report import write_json
@@ -54,7 +57,7 @@ def bench_peers(
     results = run_peers(
         get_settings(),
         settings=names,
-        arms=list(arm or ARMS),
+        arms=list(arm or DEFAULT_ARMS),
         seeds=seeds,
         workers=workers,
         on_progress=progress,

@@ -178,7 +178,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Directory for results.json and the plot.")] = Path(
         "demo-output"
     ),
-    seeds: Annotated[int, typer.Option(min=1)] = 5,
+    seeds: Annotated[int, typer.Option(min=1)] = 10,
     workers: Annotated[int, typer.Option(min=1)] = 2,
 ) -> None:
     """`simulate` on scikit-learn's digits with digit 8 kept at 2% (98:2): default vs random,

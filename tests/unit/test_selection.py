@@ -238,3 +238,20 @@ def test_kmeans_cold_start_finds_a_separate_small_cluster() -> None:
     features = np.vstack([rng.normal(0, 1, size=(295, 2)), rng.normal(40, 1, size=(5, 2))])
     picked = cold_start(features, 4, method="kmeans", seed=0)
     assert np.any(picked >= 295)
+
+
+def test_kmeans_cold_start_reaches_an_atypical_rare_kind_near_its_rate() -> None:
+    # 2% of the items are shifted along one axis: atypical, but inside the common cloud, so
+    # they form no cluster of their own. The items nearest the centroids (the method before)
+    # picked none of them in 400 picks; random members of the clusters pick them at about the
+    # rate a uniform sample would (8 expected).
+    rng = np.random.default_rng(0)
+    common = rng.normal(0, 1, size=(1960, 10))
+    rare = rng.normal(0, 1, size=(40, 10))
+    rare[:, 0] += 2.0
+    features = np.vstack([common, rare])
+    found = sum(
+        int(np.sum(cold_start(features, 10, method="kmeans", seed=seed) >= 1960))
+        for seed in range(40)
+    )
+    assert found >= 4, found
