@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 DEMO_PROJECT = "digits"
 DEMO_IMAGE_SIZE = 32  # the 8x8 digits are upscaled so a person can read them in a browser
+# ...but the model trains on them at their own 8x8: upscaled 32x32 inputs gave macro-F1 0.697 at
+# 300 labels (the measurement); what people see is the item's file, whatever this is.
+DEMO_TRAIN_SIZE = 8
 
 
 def write_secret_file(path: Path, secret: str) -> None:
@@ -98,7 +101,7 @@ def ensure_demo_project(
                 labels=[str(digit) for digit in range(10)],
                 modality="image",
                 store_url=f"file://{store}",
-                image_size=DEMO_IMAGE_SIZE,
+                image_size=DEMO_TRAIN_SIZE,
                 image_channels=1,
                 batch_size=20,
                 retrain_min_new_labels=20,

@@ -1,5 +1,6 @@
-"""`focalloop bench peers`: the product path against scikit-activeml on the benchmark suite.
-Registered on `bench`'s app; the benchmark is imported when the command runs."""
+"""`focalloop bench peers|demo-project`: label efficiency, against scikit-activeml on the suite
+and on `up`'s digits project. Registered on `bench`'s app; each command imports its benchmark
+when it runs."""
 
 import time
 from typing import Annotated, Any
@@ -99,5 +100,40 @@ def bench_peers(
                 for c in results.curves
             ],
             summary=figures,
+        )
+        console.print(f"wrote {json_path}")
+
+
+@bench_app.command("demo-project")
+def bench_demo_project(
+    seeds: Annotated[int, typer.Option(min=2, help="Seeds 0..N-1.")] = 5,
+    size: Annotated[
+        list[int] | None, typer.Option("--size", help="Train at these sizes (default 8 and 32).")
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1)] = 2,
+    json_path: JsonOption = None,
+) -> None:
+    """Macro-F1 at 300 labels of `up`'s digits project on the product path: trained at 8x8
+    (the project's setting) vs at the 32x32 its images are shown at."""
+    from services.bench.demo_project import run_demo_project_bench
+    from services.bench.report import write_json
+    from services.config import get_settings
+    from services.ml.train import resolve_device
+
+    figures = run_demo_project_bench(
+        get_settings(), seeds=seeds, workers=workers, sizes=tuple(size or (8, 32))
+    )
+    table = Table(title=f"up's digits project, 300 labels, {seeds} seeds, mean [95% CI]")
+    table.add_column("trained at")
+    table.add_column("macro-F1 @300", justify="right")
+    for trained_at, figure in figures.items():
+        table.add_row(trained_at, interval(figure["macro_f1_at_300"]))
+    console.print(table)
+    if json_path is not None:
+        write_json(
+            json_path,
+            benchmark="demo-project",
+            device=resolve_device("cpu"),
+            rows=[{"trained_at": at, **figure} for at, figure in figures.items()],
         )
         console.print(f"wrote {json_path}")

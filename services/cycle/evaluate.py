@@ -89,7 +89,9 @@ def judge(
         )
     truth = np.asarray(evaluation.labels.labels, dtype=np.int64)
     candidate = old = None
-    candidate_predicted, current_predicted = truth, None
+    # Predictions [n] on the held items (none held: empty); None = no comparable current model.
+    candidate_predicted = np.empty(0, dtype=np.int64)
+    current_predicted = None if current is None else np.empty(0, dtype=np.int64)
     if evaluation.items is not None:
         candidate_probs = judged_by.probs(result, evaluation.items)
         candidate = judged_by.report(candidate_probs, evaluation.labels.labels)

@@ -55,7 +55,13 @@ def select_stage(engine: sa.Engine, settings: Settings, step: Step) -> list[Step
         selection = SelectionConfig.from_dict(project.selection_config)
         allowed = allowance_now(session, project)
         share = gate_config(project).eval_batch_share
-        waiting = waiting_evaluation(session, project, limit=max(allowed, 1))
+        # Evaluation labels are asked for once there is a model for them to judge: before it,
+        # every pick goes to finding the classes (a cold start's labels all train).
+        waiting = (
+            waiting_evaluation(session, project, limit=max(allowed, 1))
+            if cycle.model_version is not None
+            else []
+        )
         evaluation = waiting[
             : evaluation_count(allowance=allowed, share=share, waiting=len(waiting))
         ]
