@@ -144,8 +144,8 @@ def test_evaluation_items_lead_batches_judge_models_then_become_training_data(
 def test_the_gate_refuses_a_sabotaged_model_and_people_override_it(
     engine: sa.Engine, cycle_settings: Settings, digits: Digits, tmp_path: Path
 ) -> None:
-    # A fixed evaluation set (eval_rounds null), labeled in the first three batches of 40 (no
-    # model trains until the fourth: evaluation labels never train).
+    # A fixed evaluation set (eval_rounds null): the first batch is a cold start (no evaluation
+    # item before a model exists), the next three are all evaluation items (share 1.0).
     project = make_digits_project(
         engine,
         cycle_settings,
