@@ -37,14 +37,17 @@ def write_json(
     device: torch.device,
     rows: Sequence[dict[str, Any]],
     summary: dict[str, Any] | None = None,
+    **extra: str,
 ) -> None:
-    """Write `{benchmark, command, environment, rows, summary}`; each ratio keeps its own key."""
+    """Write `{benchmark, command, environment, rows, summary}` and any `extra` keys (where the
+    run took data from); each ratio keeps its own key."""
     payload = {
         "benchmark": benchmark,
         "command": " ".join(["focalloop", *sys.argv[1:]]),
         "environment": environment(device),
         "rows": list(rows),
         "summary": summary or {},
+        **extra,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")

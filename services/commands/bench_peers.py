@@ -3,6 +3,7 @@ and on `up`'s digits project. Registered on `bench`'s app; each command imports 
 when it runs."""
 
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -31,10 +32,18 @@ def bench_peers(
     ] = None,
     seeds: Annotated[int, typer.Option(min=2, help="Seeds 0..N-1 per arm.")] = 10,
     workers: Annotated[int, typer.Option(min=1, help="Processes running jobs.")] = 2,
+    peers_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="Take the peer arms' curves an earlier run's --json file holds (same Python, "
+            "numpy and scikit-learn) instead of running them again; the rest run."
+        ),
+    ] = None,
     json_path: JsonOption = None,
 ) -> None:
     """Mean rare-class F1 over 20-300 labels and at 300, focalloop vs scikit-activeml (paired by
     seed: same split, initial labels and annotator answers)."""
+    from services.bench.peers.reuse import load_peer_curves, this_environment
     from services.bench.peers.run import DEFAULT_ARMS, Curve, run_peers
     from services.bench.peers.suite import CHECK, SUITE
     from services.bench.peers.summary import summarize
@@ -47,6 +56,14 @@ def bench_peers(
     if group not in groups:
         raise InvalidInput(f"--group takes suite, check or all, got {group!r}")
     names = setting or [s.name for s in groups[group]]
+    arms = list(arm or DEFAULT_ARMS)
+    reused = (
+        load_peer_curves(
+            peers_from, settings=names, arms=arms, seeds=seeds, here=this_environment()
+        )
+        if peers_from is not None
+        else []
+    )
     started = time.monotonic()
 
     def progress(curve: Curve, done: int, total: int) -> None:
@@ -58,10 +75,11 @@ def bench_peers(
     results = run_peers(
         get_settings(),
         settings=names,
-        arms=list(arm or DEFAULT_ARMS),
+        arms=arms,
         seeds=seeds,
         workers=workers,
         on_progress=progress,
+        reused=reused,
     )
     figures = summarize(results)
     table = Table(title=f"rare-class F1, 20-300 labels, {seeds} seeds, mean [95% CI]")
@@ -100,6 +118,7 @@ def bench_peers(
                 for c in results.curves
             ],
             summary=figures,
+            **({"peers_from": str(peers_from)} if peers_from is not None else {}),
         )
         console.print(f"wrote {json_path}")
 

@@ -168,6 +168,19 @@ def unlabeled_ids(session: Session, project: Project) -> list[int]:
     )
 
 
+def labeled_ids(session: Session, project: Project) -> list[int]:
+    """Items with a label (evaluation items included: their class is known too), in id order."""
+    return sorted(
+        item_id
+        for (item_id,) in session.execute(
+            sa.select(col(Item.id)).where(
+                col(Item.project_id) == project.id,
+                col(Item.status).in_((ItemStatus.LABELED, ItemStatus.IN_REVIEW)),
+            )
+        )
+    )
+
+
 def still_unlabeled(session: Session, item_ids: list[int]) -> set[int]:
     """Those of `item_ids` still unlabeled now (an answer may have arrived since scoring)."""
     found: set[int] = set()

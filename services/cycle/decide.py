@@ -16,6 +16,9 @@ from services.selection.candidates import Candidates, chunk_candidates
 from services.selection.config import SelectionConfig, select_from
 from services.selection.strategies import AcquisitionStrategy
 
+# Batches after the first model in which the gate's minimum evidence is labeled.
+EVIDENCE_BATCHES = 2
+
 
 def allowance(*, batch_size: int, budget: int | None, spent: int, committed: int) -> int:
     """Items a cycle may ask people for: the batch, capped by what is left of the budget.
@@ -25,13 +28,25 @@ def allowance(*, batch_size: int, budget: int | None, spent: int, committed: int
     return max(0, min(batch_size, budget - spent - committed))
 
 
-def evaluation_count(*, allowance: int, share: float, waiting: int) -> int:
-    """How many unlabeled evaluation items lead a batch of `allowance`: at most `share` of it,
-    at least one while any wait, so a large evaluation set neither stalls selection nor waits
-    forever."""
+def evaluation_count(
+    *, allowance: int, share: float, waiting: int, held: int = 0, evidence_minimum: int = 0
+) -> int:
+    """How many unlabeled evaluation items lead a batch of `allowance`: `share` of it, at least
+    one while any wait, so a large evaluation set neither stalls selection nor waits forever.
+
+    held: labeled evaluation items still judging; evidence_minimum: how many the gate needs to
+    compare models. While fewer are held, the batch takes half that minimum (at most half the
+    batch): two batches after the first model, the third model is judged on evidence rather than
+    promoted for want of it. Those labels train once released, so the catch-up costs only their
+    delay.
+    """
     if allowance < 1:
         return 0
-    return min(waiting, max(1, math.floor(share * allowance)))
+    wanted = max(1, math.floor(share * allowance))
+    if held < evidence_minimum:
+        catch_up = min(math.ceil(evidence_minimum / EVIDENCE_BATCHES), max(1, allowance // 2))
+        wanted = max(wanted, catch_up)
+    return min(waiting, wanted)
 
 
 def exploration_count(

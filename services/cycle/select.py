@@ -16,6 +16,7 @@ from services.config import Settings
 from services.cycle.budget import allowance_now, items_committed, labels_spent
 from services.cycle.data import (
     label_counts,
+    labeled_ids,
     load_items,
     project_store,
     still_unlabeled,
@@ -28,8 +29,8 @@ from services.cycle.seeds import Purpose, derive_seed
 from services.cycle.tables import candidates_from_table
 from services.db import session_scope
 from services.errors import NotFound
-from services.evaluation_set import waiting_evaluation
-from services.gate import gate_config
+from services.evaluation_set import eval_labels, waiting_evaluation
+from services.gate import MIN_EVIDENCE_ITEMS, gate_config
 from services.models import Cycle, CycleSelection, CycleState, ItemStatus, Project, ScoreChunk
 from services.selection.candidates import Candidates, merge_candidates
 from services.selection.cold_start import cold_start
@@ -63,7 +64,13 @@ def select_stage(engine: sa.Engine, settings: Settings, step: Step) -> list[Step
             else []
         )
         evaluation = waiting[
-            : evaluation_count(allowance=allowed, share=share, waiting=len(waiting))
+            : evaluation_count(
+                allowance=allowed,
+                share=share,
+                waiting=len(waiting),
+                held=len(eval_labels(session, project).item_ids),
+                evidence_minimum=MIN_EVIDENCE_ITEMS,
+            )
         ]
         plan = plan_batch(
             allowance=allowed,
@@ -124,24 +131,36 @@ def _cold_start(
 ) -> list[int]:
     """k picks without a model over the selectable pool (less `exclude`)."""
     pool_ids = [item_id for item_id in unlabeled_ids(session, project) if item_id not in exclude]
-    if len(pool_ids) > COLD_START_SAMPLE:
-        # k-means over a seeded sample: the whole pool would cost minutes per cycle, and a
-        # 20,000-item sample covers its clusters as well for batch-sized k.
-        seed = derive_seed(project.seed, cycle.number, Purpose.COLD_START_SAMPLE)
-        sample = np.random.default_rng(seed).choice(
-            len(pool_ids), size=COLD_START_SAMPLE, replace=False
-        )
-        pool_ids = [pool_ids[int(i)] for i in np.sort(sample)]
     if not pool_ids:
         return []
+    # k-means and distances over seeded samples: the whole pool would cost minutes per cycle,
+    # and 20,000 items cover its clusters as well for batch-sized k.
+    pool_ids = _sample(pool_ids, derive_seed(project.seed, cycle.number, Purpose.COLD_START_SAMPLE))
     features = load_items(session, project, pool_ids, settings).reshape(len(pool_ids), -1)
+    labeled = None
+    if selection.cold_start == "kcenter":
+        known = _sample(
+            labeled_ids(session, project),
+            derive_seed(project.seed, cycle.number, Purpose.COLD_START_SAMPLE) + 1,
+        )
+        if known:
+            labeled = load_items(session, project, known, settings).reshape(len(known), -1)
     picks = cold_start(
         features,
         min(k, len(pool_ids)),
         method=selection.cold_start,
         seed=derive_seed(project.seed, cycle.number, Purpose.COLD_START),
+        labeled=labeled,
     )
     return [pool_ids[int(p)] for p in picks]
+
+
+def _sample(item_ids: list[int], seed: int) -> list[int]:
+    """At most COLD_START_SAMPLE of `item_ids`, a seeded sample in id order."""
+    if len(item_ids) <= COLD_START_SAMPLE:
+        return item_ids
+    chosen = np.random.default_rng(seed).choice(len(item_ids), COLD_START_SAMPLE, replace=False)
+    return [item_ids[int(i)] for i in np.sort(chosen)]
 
 
 def _why_nothing(session: Session, project: Project) -> str:

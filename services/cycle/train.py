@@ -173,7 +173,7 @@ def _gather(engine: sa.Engine, cycle_id: int, settings: Settings) -> _Inputs:
             if evaluation.item_ids
             else None
         )
-    spec = spec_for_inputs(items.shape[1:], n_classes=len(project.labels))
+    spec = spec_for_inputs(items.shape[1:], n_classes=len(project.labels), labeled=len(labels))
     previous = load_model(project, current, settings) if current is not None else None
     return _Inputs(
         project=project,
@@ -184,8 +184,12 @@ def _gather(engine: sa.Engine, cycle_id: int, settings: Settings) -> _Inputs:
         spec=spec,
         recipe=project_recipe(project, device=settings.device, threads=settings.torch_threads),
         # The label set grew: the current model's head does not fit, so it can neither warm
-        # start the new one nor be compared with it on the same classes.
-        previous=previous if previous is not None and previous.spec == spec else None,
+        # start the new one nor be compared with it on the same classes. Another architecture
+        # (a small image's MLP before the CNN takes over) still judges; `fit` warm-starts only
+        # from the same spec.
+        previous=previous
+        if previous is not None and previous.spec.n_classes == spec.n_classes
+        else None,
         has_current=current is not None,
         gate=gate_config(project),
         evaluation=EvaluationSet(evaluation, eval_items),

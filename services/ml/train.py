@@ -196,8 +196,11 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 
 def as_model_input(x: NDArray[Any], spec: ModelSpec) -> Tensor:
-    """Items as a float32 tensor in the layout the model expects: [n, d] or [n, C, H, W]."""
+    """Items as a float32 tensor in the layout the model expects: [n, d] or [n, C, H, W]
+    (small images an MLP takes arrive [n, H, W] or [n, C, H, W] and are flattened)."""
     tensor = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
+    if spec.kind == "mlp" and tensor.dim() > 2:
+        tensor = tensor.reshape(tensor.shape[0], -1)
     if spec.kind == "cnn" and tensor.dim() == 3:
         tensor = tensor.unsqueeze(1)  # [n, H, W] greyscale -> [n, 1, H, W]
     expected = (tensor.shape[0], *spec.input_shape)

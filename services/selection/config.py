@@ -10,7 +10,7 @@ from numpy.typing import NDArray
 from services.errors import InvalidInput
 from services.selection.batch import BatchSelector, ClassQuota, KCenterDiversity, TopScores
 from services.selection.candidates import Candidates
-from services.selection.cold_start import ColdStartMethod
+from services.selection.cold_start import COLD_START_METHODS, ColdStartMethod
 from services.selection.strategies import STRATEGIES
 
 MAX_OVERSAMPLE = 100
@@ -23,7 +23,8 @@ class SelectionConfig:
     strategy: a name from `STRATEGIES`. oversample: k-center diversity over the top
     batch x oversample candidates (None = off). quota_min_share: share of each batch reserved
     for items predicted as a rare class (None = off); a class is rare when its labeled count is
-    below `rare_share` x the mean count per class. cold_start: how to pick without a model.
+    below `rare_share` x the mean count per class. cold_start: how to pick without a model
+    (`cold_start.cold_start`'s methods).
     explore_share: while the labels still miss a class, this share of each batch comes from
     cold start over the unlabeled pool, to find the missing class.
     """
@@ -32,7 +33,7 @@ class SelectionConfig:
     oversample: int | None = 5
     quota_min_share: float | None = 0.25
     rare_share: float = 0.5
-    cold_start: ColdStartMethod = "kmeans"
+    cold_start: ColdStartMethod = "kcenter"
     explore_share: float = 0.5
 
     def __post_init__(self) -> None:
@@ -54,8 +55,10 @@ class SelectionConfig:
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise InvalidInput(f"{name} must be in [0, 1], got {value}")
-        if self.cold_start not in ("random", "kmeans"):
-            raise InvalidInput(f"cold_start must be random or kmeans, got {self.cold_start!r}")
+        if self.cold_start not in COLD_START_METHODS:
+            raise InvalidInput(
+                f"cold_start must be one of {list(COLD_START_METHODS)}, got {self.cold_start!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

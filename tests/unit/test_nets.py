@@ -1,9 +1,11 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from services.ml.nets import MLP, ModelSpec, SmallCNN, build_model, spec_for_inputs
+from services.ml.train import as_model_input
 
 
 @pytest.mark.parametrize(
@@ -57,11 +59,28 @@ def test_seeded_build_is_reproducible_and_leaves_the_global_rng_alone() -> None:
 
 def test_default_spec_follows_the_item_shape() -> None:
     assert isinstance(build_model(spec_for_inputs((64,), 10)), MLP)
-    image_spec = spec_for_inputs((8, 8), 10)
-    assert image_spec.input_shape == (1, 8, 8)
-    assert isinstance(build_model(image_spec), SmallCNN)
+    # Small images train flattened while few are labeled; the CNN takes over from 150 labels.
+    small = spec_for_inputs((8, 8), 10, labeled=149)
+    assert (small.kind, small.input_shape) == ("mlp", (64,))
+    assert spec_for_inputs((3, 16, 16), 4, labeled=20).input_shape == (768,)
+    assert spec_for_inputs((8, 8), 10, labeled=150).input_shape == (1, 8, 8)
+    assert spec_for_inputs((8, 8), 10).kind == "cnn"  # no count given
+    large = spec_for_inputs((32, 32), 10, labeled=20)
+    assert large.input_shape == (1, 32, 32)
+    assert isinstance(build_model(large), SmallCNN)
     with pytest.raises(ValueError, match="items must be vectors"):
         spec_for_inputs((2, 3, 4, 5), 10)
+
+
+def test_a_small_image_reaches_the_mlp_flattened() -> None:
+    spec = spec_for_inputs((8, 8), 3, labeled=40, hidden=(16,))
+    images = np.random.default_rng(0).random((5, 8, 8)).astype(np.float32)
+    inputs = as_model_input(images, spec)
+    assert inputs.shape == (5, 64)
+    assert torch.equal(inputs[1], torch.from_numpy(images[1].reshape(-1)))
+    assert build_model(spec, seed=0)(inputs).shape == (5, 3)
+    with pytest.raises(ValueError, match="model expects"):
+        as_model_input(np.zeros((5, 9, 9), np.float32), spec)
 
 
 @pytest.mark.parametrize(

@@ -222,7 +222,7 @@ def test_candidates_refuse_duplicate_ids_and_bad_shapes() -> None:
         Candidates.build(np.array([1, 2]), np.full((3, 2), 0.5), np.zeros(2))
 
 
-@pytest.mark.parametrize("method", ["random", "kmeans"])
+@pytest.mark.parametrize("method", ["random", "kmeans", "kcenter"])
 def test_cold_start_picks_unique_items_deterministically(method: str) -> None:
     features = np.random.default_rng(0).normal(size=(200, 5))
     first = cold_start(features, 12, method=method, seed=1)  # type: ignore[arg-type]
@@ -231,6 +231,32 @@ def test_cold_start_picks_unique_items_deterministically(method: str) -> None:
     assert len(cold_start(features[:5], 12, method=method, seed=1)) == 5  # type: ignore[arg-type]
     with pytest.raises(InvalidInput, match="pool is empty"):
         cold_start(features[:0], 3, method=method, seed=1)  # type: ignore[arg-type]
+
+
+def test_kcenter_goes_farthest_from_the_labeled_items_first() -> None:
+    # Squared distances to the labeled 0: 0, 1, 4, 100, 121. 11 first; then 2 (4 from 0, 81
+    # from 11); then 1 and 10 tie at 1, the lower position wins.
+    points = np.array([[0.0], [1.0], [2.0], [10.0], [11.0]])
+    assert cold_start(points, 3, method="kcenter", seed=0, labeled=np.array([[0.0]])).tolist() == [
+        4,
+        2,
+        1,
+    ]
+
+
+def test_kcenter_finds_the_class_the_labels_miss() -> None:
+    # The labels cover the common cloud only; 1% of the pool lies elsewhere. One batch of
+    # farthest-first picks reaches it, where k-means members reach it at about its rate.
+    rng = np.random.default_rng(0)
+    common = rng.normal(0, 1, size=(1980, 10))
+    rare = rng.normal(0, 1, size=(20, 10))
+    rare[:, :3] += 4.0
+    features = np.vstack([common, rare])
+    labeled = common[rng.choice(1980, 20, replace=False)]
+    picked = cold_start(features, 10, method="kcenter", seed=0, labeled=labeled)
+    assert np.sum(picked >= 1980) >= 3
+    kmeans = cold_start(features, 10, method="kmeans", seed=0)
+    assert np.sum(kmeans >= 1980) < np.sum(picked >= 1980)
 
 
 def test_kmeans_cold_start_finds_a_separate_small_cluster() -> None:

@@ -157,9 +157,9 @@ def test_bad_labels_are_refused(digits: Digits, labels: NDArray[Any], message: s
 def test_wrong_item_shape_is_refused(digits: Digits) -> None:
     with pytest.raises(ValueError, match="model expects"):
         train(
-            items=digits.images[:50],
+            items=digits.images[:50],  # 8x8 = 64 pixels
             labels=digits.labels[:50],
-            spec=spec_for_inputs((64,), 10),
+            spec=spec_for_inputs((32,), 10),
             loss=LossSpec(),
             config=FAST,
         )

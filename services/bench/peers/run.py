@@ -11,7 +11,7 @@ with one torch thread.
 import multiprocessing
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
@@ -135,17 +135,28 @@ def run_peers(
     seeds: int,
     workers: int,
     on_progress: Callable[[Curve, int, int], None] | None = None,
+    reused: Sequence[Curve] = (),
 ) -> PeerResults:
     """Every arm on seeds 0..seeds-1 of every setting. base: the caller's settings (device);
-    each product run gets its own database and store."""
+    each product run gets its own database and store. reused: curves taken as they are (an
+    earlier run's peers); their jobs are not run."""
     check_request(settings, arms, seeds)
+    done_before = {(curve.setting, curve.arm, curve.seed) for curve in reused}
     base = base.model_copy(update={"torch_threads": 1})
     # The product's runs are the long ones: submitted first, so the peers fill the gaps.
     jobs = sorted(
-        ((name, arm, seed) for name in settings for arm in arms for seed in range(seeds)),
+        (
+            (name, arm, seed)
+            for name in settings
+            for arm in arms
+            for seed in range(seeds)
+            if (name, arm, seed) not in done_before
+        ),
         key=lambda job: job[1] not in PRODUCT_ARMS,
     )
-    results = PeerResults()
+    results = PeerResults(curves=list(reused))
+    if not jobs:
+        return results
     workers = max(1, min(workers, len(jobs), os.cpu_count() or 1))
     # "spawn": a parent that has run torch holds an OpenMP pool that forked children deadlock in.
     context = multiprocessing.get_context("spawn")

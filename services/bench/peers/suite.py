@@ -163,6 +163,20 @@ CHECK: tuple[Setting, ...] = (
         _generated(4, 0.03, informative=6),
         rare=(3,),
     ),
+    # Added with the second round of changes (small images through the MLP while few labels,
+    # farthest-first exploration), before anything ran on them; never tuned on.
+    Setting(
+        "digits-img-2@1.5%",
+        "8x8 digit images, digit 2 kept at 1.5%",
+        _digits({2: 0.015}, images=True),
+        rare=(2,),
+    ),
+    Setting(
+        "gen-binary@1%",
+        "generated, binary, 20 features (10 informative), positives at 1% (3,000 items)",
+        _generated(2, 0.01, informative=10),
+        rare=(1,),
+    ),
 )
 
 SETTINGS: dict[str, Setting] = {setting.name: setting for setting in (*SUITE, *CHECK)}

@@ -44,7 +44,10 @@ def summarize_setting(curves: list[Curve]) -> dict[str, Any]:
             "mean_rare_f1_20_300": mean_ci95([float(np.mean(c.rare_f1)) for c in ordered]),
             "rare_f1_at_300": mean_ci95([c.rare_f1[-1] for c in ordered]),
             "mean_curve": [float(v) for v in np.mean([c.rare_f1 for c in ordered], axis=0)],
-            "median_seconds_per_run": float(np.median([c.seconds for c in ordered])),
+            # None where the curves were reused from an earlier run (not timed in this one).
+            "median_seconds_per_run": None
+            if any(np.isnan(c.seconds) for c in ordered)
+            else float(np.median([c.seconds for c in ordered])),
         }
     out: dict[str, Any] = {"labels_axis": list(LABELS_AXIS), "arms": arms}
     peers = [arm for arm in arms if not arm.startswith(PRODUCT)]
