@@ -80,10 +80,10 @@ def test_the_budget_caps_the_batch_and_evaluation_items_lead_it() -> None:
 def test_the_evaluation_share_catches_up_to_the_gates_minimum_evidence() -> None:
     # 4 of 20 normally; 5 while fewer than 10 labels judge, so two batches give the third
     # model 10 held items; never more than half a small batch.
-    share = {"allowance": 20, "share": 0.2, "waiting": 58, "evidence_minimum": 10}
-    assert evaluation_count(**share, held=0) == 5
-    assert evaluation_count(**share, held=5) == 5
-    assert evaluation_count(**share, held=10) == 4
+    def of_twenty(held: int) -> int:
+        return evaluation_count(allowance=20, share=0.2, waiting=58, held=held, evidence_minimum=10)
+
+    assert [of_twenty(0), of_twenty(5), of_twenty(10)] == [5, 5, 4]
     assert evaluation_count(allowance=6, share=0.2, waiting=58, held=0, evidence_minimum=10) == 3
     assert evaluation_count(allowance=20, share=0.2, waiting=2, held=0, evidence_minimum=10) == 2
 
