@@ -15,7 +15,8 @@ class Purpose(StrEnum):
     EVALUATION_SET = "evaluation-set"  # which unlabeled items are reserved for evaluation
     STRATEGY = "strategy"  # a random acquisition strategy's scores (per chunk)
     COLD_START = "cold-start"  # k-means (or random) picks without a model
-    COLD_START_SAMPLE = "cold-start-sample"  # the subsample cold start clusters on huge pools
+    # The subsamples cold start works on in huge pools (extra 1: of the labeled items).
+    COLD_START_SAMPLE = "cold-start-sample"
     REVIEW = "review"  # the folds of the label-noise review's cross-fitting
 
 

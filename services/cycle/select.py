@@ -141,7 +141,7 @@ def _cold_start(
     if selection.cold_start == "kcenter":
         known = _sample(
             labeled_ids(session, project),
-            derive_seed(project.seed, cycle.number, Purpose.COLD_START_SAMPLE) + 1,
+            derive_seed(project.seed, cycle.number, Purpose.COLD_START_SAMPLE, 1),
         )
         if known:
             labeled = load_items(session, project, known, settings).reshape(len(known), -1)

@@ -23,7 +23,8 @@ DEMO_ARMS = (
 def digits_with_rare_class(
     *, rare_digit: int = 8, rare_share: float = 0.02, seed: int = 0
 ) -> Dataset:
-    """Digits as images [n, 8, 8] in [0, 1] (so the default model is the small CNN), with
+    """Digits as images [n, 8, 8] in [0, 1] (so the default models are those of a small image:
+    the MLP on the pixels below 150 labels, the small CNN from there), with
     `rare_digit` subsampled (seeded) so that it makes up `rare_share` of the items."""
     if not 0 <= rare_digit <= 9 or not 0 < rare_share < 1:
         raise ValueError("rare_digit must be 0..9 and rare_share in (0, 1)")

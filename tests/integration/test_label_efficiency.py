@@ -4,7 +4,8 @@ cycle with the simulated labeler) on two settings of the peer suite, seeds 0-2, 
 Each threshold sits well below the mean rare-class F1 over the curve that the default measured
 on these seeds and above what the same product with random selection measured on them
 (`focalloop bench peers --setting digits-img-8@2% --setting digits-feat-5@3% --seeds 3 --arm
-focalloop --arm focalloop-random`): 0.580 and 0.828 for the default, 0.431 and 0.695 for random.
+focalloop --arm focalloop-random`, at 5f77a0c): 0.650 and 0.866 for the default, 0.412 and
+0.703 for random.
 Run this file with FOCALLOOP_REGRESSION_ARM=focalloop-random and it fails (BENCHMARKS.md shows
 the run). Not a benchmark: a tripwire for a change that makes the loop spend labels the way
 random selection does.
