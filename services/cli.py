@@ -15,6 +15,7 @@ from services.commands.datasets import datasets_app
 from services.commands.labeling import api, labelstudio_app
 from services.commands.simulation import demo, simulate
 from services.commands.state import db_app, pool_app, project_app
+from services.commands.tune import tune
 from services.commands.up import up
 from services.errors import FocalloopError
 
@@ -38,6 +39,7 @@ app.command("beat")(beat)
 app.command("up")(up)
 app.command("simulate")(simulate)
 app.command("demo")(demo)
+app.command("tune")(tune)
 
 console = Console()
 errors = Console(stderr=True)

@@ -20,7 +20,9 @@ from services.cycle.flow import ACCELERATED, task_name
 from services.heartbeats import GPU_QUEUE, IO_QUEUE
 from workers.heartbeat import Heartbeat
 
-GPU_TASKS = tuple(sorted(task_name(stage) for stage in ACCELERATED))
+# `focalloop tune`'s trials train models too: they share the gpu queue with the cycle's stages.
+TUNE_TRIAL = "focalloop.tune_trial"
+GPU_TASKS = tuple(sorted([*(task_name(stage) for stage in ACCELERATED), TUNE_TRIAL]))
 # Beat's own tasks (not stages of the flow): they start cycles, recover, reconcile.
 START_DUE = "focalloop.maybe_start_cycles"
 RECONCILE = "focalloop.reconcile_labelers"

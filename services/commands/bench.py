@@ -77,6 +77,56 @@ def bench_focal_loss(
             console.print(f"wrote {json_path}")
 
 
+@bench_app.command("device")
+def bench_device(
+    device: Annotated[str, typer.Option(help="cpu, or cuda to add the GPU rows.")] = "cuda",
+    train_items: Annotated[int, typer.Option(min=64, help="Items per training epoch.")] = 8_192,
+    score_items: Annotated[int, typer.Option(min=1, help="Items scored per run.")] = 65_536,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs per run.")] = 3,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs per row.")] = 3,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch.")] = None,
+    json_path: JsonOption = None,
+) -> None:
+    """Training and scoring items/s of the product's train/score: CPU float32 vs CUDA fp32/bf16."""
+    from services.bench.device import run_device_bench
+    from services.bench.report import write_json
+    from services.ml.train import resolve_device, torch_threads
+
+    if device not in ("cpu", "cuda"):
+        raise typer.BadParameter("device must be cpu or cuda", param_hint="--device")
+    target = resolve_device(device)  # type: ignore[arg-type]
+    with torch_threads(threads):
+        rows = run_device_bench(
+            devices=(target.type,),
+            train_items=train_items,
+            score_items=score_items,
+            epochs=epochs,
+            repeats=repeats,
+        )
+        table = Table(title=f"train/score items/s by device, median of {repeats}")
+        for column in ("model", "stage", "device", "precision", "items/s", "vs CPU fp32"):
+            numeric = column.startswith(("items", "vs"))
+            table.add_column(column, justify="right" if numeric else "left")
+        for row in rows:
+            table.add_row(
+                row.workload,
+                row.stage,
+                row.device,
+                row.precision,
+                f"{row.items_per_s:,.0f}",
+                f"{row.vs_cpu:.2f}",
+            )
+        console.print(table)
+        if json_path is not None:
+            write_json(
+                json_path,
+                benchmark="device",
+                device=target,
+                rows=[row.to_dict() for row in rows],
+            )
+            console.print(f"wrote {json_path}")
+
+
 @bench_app.command("manifest")
 def bench_manifest(
     items: Annotated[int, typer.Option(min=1, help="Rows of the dataset version.")] = 1_000_000,

@@ -18,6 +18,7 @@ class Purpose(StrEnum):
     # The subsamples cold start works on in huge pools (extra 1: of the labeled items).
     COLD_START_SAMPLE = "cold-start-sample"
     REVIEW = "review"  # the folds of the label-noise review's cross-fitting
+    TUNE = "tune"  # `focalloop tune`'s folds (extra 0) and per-fold training (extra 1, fold)
 
 
 def derive_seed(project_seed: int, cycle_number: int, purpose: Purpose, *extra: int) -> int:

@@ -68,6 +68,7 @@ AUDITED = {
     "token revoke": "token.revoke",
     "model promote": "model.promote",
     "model rollback": "model.rollback",
+    "tune": "project.tune",  # with --apply; tests/integration/test_tune.py
 }
 
 

@@ -81,9 +81,10 @@ def test_the_flow_is_declared_once_and_every_runner_covers_it() -> None:
         task.name  # type: ignore[attr-defined]
         for task in TASKS.values()
     }
-    # Training and scoring need the accelerator; everything else is io. (The wire names are
-    # spelled out here on purpose: renaming a stage must not move it off the gpu queue.)
-    assert set(GPU_TASKS) == {"focalloop.train", "focalloop.score_chunk"}
+    # Training, scoring and tuning trials need the accelerator; everything else is io. (The
+    # wire names are spelled out on purpose: renaming a stage must not move it off the gpu
+    # queue.)
+    assert set(GPU_TASKS) == {"focalloop.train", "focalloop.score_chunk", "focalloop.tune_trial"}
 
 
 def test_every_labeler_is_found_by_its_kind_and_by_its_answers_source() -> None:

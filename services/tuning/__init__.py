@@ -1,0 +1,1 @@
+"""`focalloop tune`: cross-validated search of the focal loss's gamma and alpha."""
