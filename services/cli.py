@@ -7,7 +7,7 @@ it runs, so `focalloop --help` and `focalloop version` answer at once.
 import typer
 from rich.console import Console
 
-from services.commands import bench_peers, bench_people  # noqa: F401 (register commands on bench_app)
+from services.commands import bench_peers, bench_people, bench_tune  # noqa: F401 (register)
 from services.commands.admin import model_app, token_app
 from services.commands.bench import bench_app
 from services.commands.cycles import beat, cycle_app, worker

@@ -18,10 +18,11 @@ from kombu.transport import redis as kombu_redis
 from services.config import Settings, get_settings
 from services.cycle.flow import ACCELERATED, task_name
 from services.heartbeats import GPU_QUEUE, IO_QUEUE
+from services.tuning import TRIAL_TASK
 from workers.heartbeat import Heartbeat
 
 # `focalloop tune`'s trials train models too: they share the gpu queue with the cycle's stages.
-TUNE_TRIAL = "focalloop.tune_trial"
+TUNE_TRIAL = TRIAL_TASK
 GPU_TASKS = tuple(sorted([*(task_name(stage) for stage in ACCELERATED), TUNE_TRIAL]))
 # Beat's own tasks (not stages of the flow): they start cycles, recover, reconcile.
 START_DUE = "focalloop.maybe_start_cycles"

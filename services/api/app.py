@@ -38,6 +38,7 @@ from services.api.routes import (
     operations,
     projects,
     queue,
+    tuning,
 )
 from services.api.schema_gate import SchemaGate
 from services.api.schemas import Problem
@@ -139,6 +140,7 @@ def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> FastAP
         queue.router,
         admin.router,
         model_backend.router,
+        tuning.router,
     ):
         app.include_router(router)
     app.state.doorbell = IngestDoorbell(

@@ -58,8 +58,9 @@ def tune(
     from rich.progress import Progress
 
     from services.config import get_settings
-    from services.tuning.run import TuneOptions, apply_best, tune_project
+    from services.tuning.run import TuneOptions, apply_best, celery_dispatch
     from services.tuning.space import GRID_GAMMAS
+    from services.tuning.studies import tune_project
 
     options = TuneOptions(
         mode="search" if search else "grid",
@@ -71,7 +72,7 @@ def tune(
     )
     settings = get_settings()
     engine = engine_for(settings)
-    dispatch = None if in_process else _send_to_workers
+    dispatch = None if in_process else celery_dispatch(settings)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("tuning trials", total=None)
 
@@ -100,14 +101,6 @@ def tune(
             lambda session, detail: audit_cli(session, "project.tune", name, detail=detail),
         )
         console.print(f"applied to {name}: loss {loss}")
-
-
-def _send_to_workers(request: Any) -> None:
-    from dataclasses import asdict
-
-    from workers.tasks import tune_trial
-
-    tune_trial.delay(asdict(request))
 
 
 def _print_table(summary: dict[str, Any]) -> None:

@@ -56,6 +56,16 @@ def run_seed(
 ) -> SeedRun:
     """One arm on one seed, from the initial labels until the budget, the rounds or a plateau
     stop it (or the pool runs out)."""
+    with after_loop(dataset, config, arm, seed, minority, base) as (_, _, run):
+        return run
+
+
+@contextmanager
+def after_loop(
+    dataset: Dataset, config: SimulationConfig, arm: Arm, seed: int, minority: int, base: Settings
+) -> Iterator[tuple[Deployment, Split, SeedRun]]:
+    """`run_seed`, with its deployment kept open for the block (the labels the loop gathered,
+    its dataset versions and models), then removed."""
     split = make_split(dataset, seed=seed, init=config.init, test_fraction=config.test_fraction)
     asked = config.labels_for(arm) - config.init
     settings = ProjectSettings(
@@ -67,7 +77,7 @@ def run_seed(
         noise=config.noise,
     )
     with _deployed(dataset, split, base, settings, seeded=split.init_ids) as deployment:
-        return _drive(deployment, split, config, arm, seed, minority)
+        yield deployment, split, _drive(deployment, split, config, arm, seed, minority)
 
 
 @contextmanager

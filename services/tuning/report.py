@@ -6,6 +6,7 @@ Only trials that ran every fold enter the figures: a pruned trial's mean covers 
 would not be comparable with the rest (the table lists them as pruned).
 """
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,17 +125,35 @@ def summarize(
 
 def write_outputs(summary: dict[str, Any], out: Path) -> list[Path]:
     """tuning.json, heatmaps.png and validation_curve.png in `out` (created)."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "tuning.json", out / "heatmaps.png", out / "validation_curve.png"]
+    paths[0].write_text(json.dumps(summary, indent=2) + "\n")
+    paths[1].write_bytes(heatmaps_png(summary))
+    paths[2].write_bytes(validation_curve_png(summary))
+    return paths
+
+
+def _png(figure: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def heatmaps_png(summary: dict[str, Any]) -> bytes:
+    """Minority precision, recall, F1 and the metric over gamma (rows) x alpha (columns)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "tuning.json", out / "heatmaps.png", out / "validation_curve.png"]
-    paths[0].write_text(json.dumps(summary, indent=2) + "\n")
     heatmap = summary["heatmap"]
     gammas, alphas = heatmap["gammas"], heatmap["alphas"]
-    figure, axes = plt.subplots(1, len(HEATMAP_FIGURES), figsize=(4.2 * len(HEATMAP_FIGURES), 3.8))
+    panels = len(HEATMAP_FIGURES)
+    figure, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.8))
     for axis, name in zip(axes, HEATMAP_FIGURES, strict=True):
         grid = np.full((len(gammas), len(alphas)), np.nan)
         for entry in heatmap["cells"]:
@@ -152,22 +171,25 @@ def write_outputs(summary: dict[str, Any], out: Path) -> list[Path]:
         title = summary["metric"] if name == "metric" else name.replace("_", " ")
         axis.set_title(f"{title} ({summary['minority_class']})" if name != "metric" else title)
         figure.colorbar(image, ax=axis, fraction=0.046)
-    figure.tight_layout()
-    figure.savefig(paths[1], dpi=110)
-    plt.close(figure)
+    return _png(figure)
+
+
+def validation_curve_png(summary: dict[str, Any]) -> bytes:
+    """The metric against gamma at the best alpha, with its 95% interval over folds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     curve = summary["validation_curve"]
     figure, axis = plt.subplots(figsize=(5.5, 3.8))
     xs = [p["gamma"] for p in curve["points"]]
-    ys = [p["metric"] for p in curve["points"]]
+    axis.plot(xs, [p["metric"] for p in curve["points"]], marker="o")
     low = [p["ci95"][0] for p in curve["points"]]
     high = [p["ci95"][1] for p in curve["points"]]
-    axis.plot(xs, ys, marker="o")
     axis.fill_between(xs, low, high, alpha=0.25, label="95% interval over folds")
     axis.set_xlabel("gamma")
     axis.set_ylabel(summary["metric"])
     axis.set_title(f"validation curve, alpha = {curve['alpha']}")
     axis.legend()
-    figure.tight_layout()
-    figure.savefig(paths[2], dpi=110)
-    plt.close(figure)
-    return paths
+    return _png(figure)

@@ -11,38 +11,28 @@ caller gives), which run the same function. Either way it then reads the outcome
 study, so a result never travels through the broker.
 """
 
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-import optuna
 import sqlalchemy as sa
-from optuna.trial import TrialState
 
 from services.config import Settings
 from services.cycle.data import project_store, training_data
 from services.cycle.seeds import Purpose, derive_seed
 from services.datasets.versions import latest_version
 from services.db import session_scope
-from services.errors import InvalidInput, TransientError
+from services.errors import InvalidInput
 from services.ml.train import LossSpec
 from services.projects import get_project, update_project
 from services.recipe import project_recipe
+from services.tuning import TRIAL_TASK
 from services.tuning.evaluate import Metric, TuningData
 from services.tuning.folds import Fold, make_folds
-from services.tuning.report import outcome_from_dict, summarize, write_outputs
 from services.tuning.space import GRID_GAMMAS, Setting, check_setting, grid, to_loss
 from services.tuning.study import (
-    OUTCOME_ATTR,
     StudyPlan,
-    accounted,
-    exclusive,
-    fail_orphans,
-    finished_settings,
     open_study,
-    remaining,
     run_grid_cell,
     run_search_trial,
 )
@@ -76,9 +66,11 @@ class TuneOptions:
 
 @dataclass(frozen=True)
 class TrialRequest:
-    """One unit of work: a grid cell (`gamma`, `alpha` given) or one search trial (None)."""
+    """One unit of work of study `study`: a grid cell (`gamma`, `alpha` given) or one search
+    trial (None)."""
 
     project: str
+    study: str
     options: dict[str, Any]
     gamma: float | None = None
     alpha: str | None = None
@@ -118,16 +110,14 @@ def load_tuning_data(engine: sa.Engine, settings: Settings, project_name: str) -
 
 
 @dataclass(frozen=True)
-class _Prepared:
+class Prepared:
     data: TuningData
     folds: list[Fold]
     plan: StudyPlan
     study_name: str
 
 
-def _prepare(
-    engine: sa.Engine, settings: Settings, project: str, options: TuneOptions
-) -> _Prepared:
+def prepare(engine: sa.Engine, settings: Settings, project: str, options: TuneOptions) -> Prepared:
     """Everything a trial needs, derived the same way in the coordinator and every worker;
     InvalidInput for bad options or too few labels."""
     if options.mode not in MODES:
@@ -145,18 +135,18 @@ def _prepare(
         class_names=data.class_names,
     )
     plan = StudyPlan(mode=options.mode, metric=metric, trials=options.trials, grid=cells)
-    return _Prepared(data, folds, plan, options.study_name(data.version))
+    return Prepared(data, folds, plan, options.study_name(data.version))
 
 
 def run_request(engine: sa.Engine, settings: Settings, request: TrialRequest) -> None:
     """Run one trial (what a gpu worker's task does): a grid cell, skipped when already written,
     or one search trial."""
     options = TuneOptions.from_dict(request.options)
-    prepared = _prepare(engine, settings, request.project, options)
+    prepared = prepare(engine, settings, request.project, options)
     with session_scope(engine) as session:
         project = get_project(session, request.project)
         recipe = project_recipe(project, device=settings.device, threads=settings.torch_threads)
-    study = open_study(engine, prepared.study_name, prepared.plan, seed=prepared.data.seed)
+    study = open_study(engine, request.study, prepared.plan, seed=prepared.data.seed)
     if request.gamma is not None and request.alpha is not None:
         setting = Setting(request.gamma, request.alpha)
         run_grid_cell(study, setting, prepared.data, prepared.folds, recipe, prepared.plan.metric)
@@ -167,99 +157,18 @@ def run_request(engine: sa.Engine, settings: Settings, request: TrialRequest) ->
 Dispatch = Callable[[TrialRequest], None]
 
 
-def tune_project(
-    engine: sa.Engine,
-    settings: Settings,
-    project_name: str,
-    options: TuneOptions,
-    *,
-    out: Path,
-    dispatch: Dispatch | None = None,
-    on_progress: Callable[[int, int], None] | None = None,
-    wait_s: float | None = None,
-    poll_s: float = 1.0,
-) -> dict[str, Any]:
-    """Run (or finish) the study and write its outputs to `out`; returns the summary.
+def celery_dispatch(settings: Settings) -> Dispatch:
+    """Send each trial to the gpu queue of the broker in `settings`."""
+    from celery import Celery
 
-    dispatch: None runs every trial here; otherwise each request is sent (to Celery workers)
-    and the study is watched until every trial reached an end. on_progress(done, total).
-    wait_s: give up (TransientError; the study stays, a rerun finishes it) when no trial ends
-    for that long. Conflict when a study of the project is already running; InvalidInput for
-    bad options or too few labels (nothing is written then)."""
-    prepared = _prepare(engine, settings, project_name, options)
-    plan = prepared.plan
-    with exclusive(engine, project_name):
-        study = open_study(engine, prepared.study_name, plan, seed=prepared.data.seed)
-        total = len(plan.grid) if plan.mode == "grid" else plan.trials
-        if plan.mode == "grid":
-            written = finished_settings(study)
-            requests = [
-                TrialRequest(project_name, options.to_dict(), cell.gamma, cell.alpha)
-                for cell in plan.grid
-                if cell not in written
-            ]
-        else:
-            requests = [TrialRequest(project_name, options.to_dict())] * remaining(study, plan)
-        for request in requests:
-            if dispatch is None:
-                run_request(engine, settings, request)
-                if on_progress is not None:
-                    on_progress(accounted(study, plan), total)
-            else:
-                dispatch(request)
-        if dispatch is not None:
-            _watch(study, plan, total, on_progress, wait_s, poll_s)
-        fail_orphans(study)
-        outcomes = [
-            outcome_from_dict(trial.user_attrs[OUTCOME_ATTR])
-            for trial in study.get_trials(deepcopy=False)
-            if OUTCOME_ATTR in trial.user_attrs
-        ]
-    summary = summarize(
-        outcomes,
-        metric=plan.metric,
-        metric_label=options.metric,
-        rare_class=prepared.data.rare_class,
-        class_names=prepared.data.class_names,
-        context={
-            "project": project_name,
-            "dataset_version": prepared.data.version,
-            "labels": len(prepared.data.labels),
-            "mode": options.mode,
-            "folds": options.folds,
-            "repeats": options.repeats,
-            "study": prepared.study_name,
-            "failed": len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))),
-        },
-    )
-    write_outputs(summary, out)
-    return summary
+    from services.heartbeats import GPU_QUEUE
 
+    sender = Celery("focalloop-tune", broker=settings.broker_url)
 
-def _watch(
-    study: optuna.Study,
-    plan: StudyPlan,
-    total: int,
-    on_progress: Callable[[int, int], None] | None,
-    wait_s: float | None,
-    poll_s: float,
-) -> None:
-    """Poll the study until every trial has ended; TransientError after `wait_s` without one."""
-    last, last_change = -1, time.monotonic()
-    while True:
-        done = accounted(study, plan)
-        if done != last:
-            last, last_change = done, time.monotonic()
-            if on_progress is not None:
-                on_progress(done, total)
-        if done >= total:
-            return
-        if wait_s is not None and time.monotonic() - last_change > wait_s:
-            raise TransientError(
-                f"no tuning trial ended for {wait_s:.0f} s ({done} of {total} done): are gpu "
-                "workers running (focalloop worker --queues gpu)? Rerun to finish the study."
-            )
-        time.sleep(poll_s)
+    def send(request: TrialRequest) -> None:
+        sender.send_task(TRIAL_TASK, args=[asdict(request)], queue=GPU_QUEUE)
+
+    return send
 
 
 def apply_best(

@@ -3,7 +3,6 @@ it, never in it), search from cross-entropy, bad input. The study on real Celery
 loses a pool process mid-trial is tests/faults/test_tune_worker_killed.py."""
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,8 @@ from services.datasets.pool import add_to_pool
 from services.datasets.snapshot import snapshot
 from services.errors import Conflict, InvalidInput
 from services.projects import ProjectSpec, create_project
-from services.tuning.run import TuneOptions, tune_project
+from services.tuning.run import TrialRequest, TuneOptions
+from services.tuning.studies import begin, list_studies, results, status, tune_project
 from services.tuning.study import exclusive
 from tests.conftest import Digits
 from tests.integration.conftest import unique_name
@@ -92,11 +92,19 @@ def test_a_study_runs_on_each_state_backend_beside_the_state(
         with engine.connect() as connection:
             optuna_tables = set(sa.inspect(connection).get_table_names(schema="optuna"))
         assert {"studies", "trials"} <= optuna_tables
-    # A second run of the same command reads the finished study and trains nothing.
-    started = time.monotonic()
-    again = tune_project(engine, settings, name, SMALL_GRID, out=tmp_path / "again")
-    assert again["heatmap"] == summary["heatmap"] and time.monotonic() - started < 20
-    # While one study holds the project, another is refused (on PostgreSQL: from any host).
+    # While one study runs (its trials sent, none back yet), another is refused; one whose
+    # workers went away (no trial for longer than the stale time) is abandoned instead.
+    sent: list[TrialRequest] = []
+    running, _ = begin(engine, settings, name, SMALL_GRID, dispatch=sent.append)
+    assert len(sent) == 3 and status(running).state == "running"
+    with pytest.raises(Conflict, match=r"still running \(0 of 3 trials done\)"):
+        begin(engine, settings, name, SMALL_GRID, dispatch=sent.append)
+    with pytest.raises(Conflict, match="no results yet"):
+        results(running)
+    later, _ = begin(engine, settings, name, SMALL_GRID, dispatch=sent.append, stale_s=0.0)
+    assert status(running).state == "abandoned" and status(later).state == "running"
+    assert [s.state for s in list_studies(engine, name)] == ["complete", "abandoned", "running"]
+    # The check-and-record is one critical section (on PostgreSQL an advisory lock: any host).
     with exclusive(engine, name), pytest.raises(Conflict, match="already running"):
         tune_project(engine, settings, name, SMALL_GRID, out=tmp_path / "refused")
     assert not (tmp_path / "refused").exists()

@@ -1,0 +1,319 @@
+"""A study's life, the same from the command line and the API: `begin` (checked, refused while
+another study of the project runs, recorded, its trials handed out), `status` (progress; once
+every trial has reported, the study is closed: orphaned trials failed, state complete),
+`results` (the summary of a complete study).
+
+What a study is for lives in its `plan` user attribute (project, options, what the metric and
+the rare class are, how many trials), so any process can report on it from the storage alone.
+A study is "running" until closed; one whose last trial ended (or which began) more than
+`stale_s` ago, with trials still missing, is taken as abandoned (its coordinator and workers
+are gone) and no longer holds up a new one.
+"""
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy as sa
+
+from services.config import Settings
+from services.errors import Conflict, NotFound, TransientError
+from services.tuning.evaluate import Metric
+from services.tuning.report import outcome_from_dict, summarize, write_outputs
+from services.tuning.run import Dispatch, TrialRequest, TuneOptions, prepare, run_request
+from services.tuning.space import Setting
+from services.tuning.study import (
+    OUTCOME_ATTR,
+    StudyPlan,
+    accounted,
+    exclusive,
+    fail_orphans,
+    finished_settings,
+    open_study,
+    remaining,
+    storage,
+)
+
+PLAN_ATTR = "plan"
+RUNNING, COMPLETE, ABANDONED = "running", "complete", "abandoned"
+STALE_S = 3600.0
+
+
+@dataclass(frozen=True)
+class StudyStatus:
+    """Where a study stands: done of total trials ended (failed and pruned among them)."""
+
+    name: str
+    project: str
+    state: str
+    mode: str
+    metric: str
+    dataset_version: int
+    done: int
+    total: int
+    failed: int
+    pruned: int
+    started_at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def _summaries(engine: sa.Engine, project: str) -> Iterator[optuna.study.StudySummary]:
+    for summary in optuna.get_all_study_summaries(storage(engine), include_best_trial=False):
+        if summary.user_attrs.get(PLAN_ATTR, {}).get("project") == project:
+            yield summary
+
+
+def _plan_of(study: optuna.Study) -> StudyPlan:
+    plan = study.user_attrs[PLAN_ATTR]
+    options = TuneOptions.from_dict(plan["options"])
+    metric = Metric(plan["metric"]["name"], plan["metric"]["class_index"])
+    cells = tuple(Setting(float(cell["gamma"]), str(cell["alpha"])) for cell in plan["grid"])
+    return StudyPlan(mode=options.mode, metric=metric, trials=options.trials, grid=cells)
+
+
+def _last_activity(study: optuna.Study) -> float:
+    began = datetime.fromisoformat(study.user_attrs[PLAN_ATTR]["started_at"]).timestamp()
+    trials = study.get_trials(deepcopy=False)
+    ended = [t.datetime_complete.timestamp() for t in trials if t.datetime_complete]
+    return max([began, *ended])
+
+
+def begin(
+    engine: sa.Engine,
+    settings: Settings,
+    project: str,
+    options: TuneOptions,
+    *,
+    dispatch: Dispatch | None,
+    stale_s: float = STALE_S,
+) -> tuple[optuna.Study, list[TrialRequest]]:
+    """Check the options (InvalidInput: nothing is recorded), refuse while another study of the
+    project runs (Conflict), record a new study, and return it with its trial requests: sent
+    to `dispatch` already when given, for the caller to run otherwise."""
+    prepared = prepare(engine, settings, project, options)
+    with exclusive(engine, project):
+        earlier = 0
+        for summary in _summaries(engine, project):
+            earlier += 1
+            study = optuna.load_study(study_name=summary.study_name, storage=storage(engine))
+            state = study.user_attrs[PLAN_ATTR]["state"]
+            if state != RUNNING or _close_if_done(study):
+                continue
+            if time.time() - _last_activity(study) > stale_s:
+                _set_state(study, ABANDONED)
+                continue
+            done, total = accounted(study, _plan_of(study)), study.user_attrs[PLAN_ATTR]["total"]
+            raise Conflict(
+                f"tuning study {summary.study_name!r} of project {project!r} is still running "
+                f"({done} of {total} trials done); wait for it to finish"
+            )
+        name = f"{prepared.study_name}-{earlier + 1}"
+        study = open_study(engine, name, prepared.plan, seed=prepared.data.seed)
+        plan = prepared.plan
+        total = len(plan.grid) if plan.mode == "grid" else plan.trials
+        study.set_user_attr(
+            PLAN_ATTR,
+            {
+                "project": project,
+                "options": options.to_dict(),
+                "metric": {"name": plan.metric.name, "class_index": plan.metric.class_index},
+                "grid": [{"gamma": s.gamma, "alpha": s.alpha} for s in plan.grid],
+                "total": total,
+                "state": RUNNING,
+                "started_at": datetime.now(UTC).isoformat(),
+                "dataset_version": prepared.data.version,
+                "labels": len(prepared.data.labels),
+                "rare_class": prepared.data.rare_class,
+                "class_names": prepared.data.class_names,
+            },
+        )
+    requests = _requests(study, name, project, options, plan)
+    if dispatch is not None:
+        try:
+            for request in requests:
+                dispatch(request)
+        except Exception as error:
+            # The broker is down: the trials sent so far run, but nobody would ever send the
+            # rest, so the study would never close. Give it up now rather than block the project.
+            _set_state(study, ABANDONED)
+            raise TransientError(
+                f"the broker did not take the study's trials ({error}); study {name!r} was "
+                "abandoned, start again once the broker is back"
+            ) from error
+    return study, requests
+
+
+def _requests(
+    study: optuna.Study, name: str, project: str, options: TuneOptions, plan: StudyPlan
+) -> list[TrialRequest]:
+    if plan.mode == "grid":
+        written = finished_settings(study)
+        return [
+            TrialRequest(project, name, options.to_dict(), cell.gamma, cell.alpha)
+            for cell in plan.grid
+            if cell not in written
+        ]
+    return [TrialRequest(project, name, options.to_dict())] * remaining(study, plan)
+
+
+def run_here(
+    engine: sa.Engine,
+    settings: Settings,
+    study: optuna.Study,
+    requests: list[TrialRequest],
+    on_progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Run a study's requests in this process; the study is abandoned if this stops early."""
+    plan, total = _plan_of(study), study.user_attrs[PLAN_ATTR]["total"]
+    try:
+        for request in requests:
+            run_request(engine, settings, request)
+            if on_progress is not None:
+                on_progress(accounted(study, plan), total)
+    except BaseException:
+        _set_state(study, ABANDONED)
+        raise
+
+
+def _set_state(study: optuna.Study, state: str) -> None:
+    study.set_user_attr(PLAN_ATTR, {**study.user_attrs[PLAN_ATTR], "state": state})
+
+
+def _close_if_done(study: optuna.Study) -> bool:
+    """Close a running study once every trial reported; whether it is closed now."""
+    plan = study.user_attrs[PLAN_ATTR]
+    if plan["state"] == COMPLETE:
+        return True
+    if plan["state"] != RUNNING or accounted(study, _plan_of(study)) < plan["total"]:
+        return False
+    fail_orphans(study)
+    _set_state(study, COMPLETE)
+    return True
+
+
+def load(engine: sa.Engine, project: str, name: str) -> optuna.Study:
+    """The project's study `name`; NotFound otherwise."""
+    if not any(s.study_name == name for s in _summaries(engine, project)):
+        raise NotFound(f"project {project!r} has no tuning study {name!r}")
+    return optuna.load_study(study_name=name, storage=storage(engine))
+
+
+def status(study: optuna.Study) -> StudyStatus:
+    """Progress, closing the study first when every trial has reported."""
+    _close_if_done(study)
+    plan = study.user_attrs[PLAN_ATTR]
+    trials = study.get_trials(deepcopy=False)
+    return StudyStatus(
+        name=study.study_name,
+        project=plan["project"],
+        state=plan["state"],
+        mode=plan["options"]["mode"],
+        metric=plan["options"]["metric"],
+        dataset_version=plan["dataset_version"],
+        done=accounted(study, _plan_of(study)),
+        total=plan["total"],
+        failed=sum(1 for t in trials if t.state == optuna.trial.TrialState.FAIL),
+        pruned=sum(1 for t in trials if t.state == optuna.trial.TrialState.PRUNED),
+        started_at=plan["started_at"],
+    )
+
+
+def list_studies(engine: sa.Engine, project: str) -> list[StudyStatus]:
+    """Every study of the project, oldest first."""
+    statuses = [
+        status(optuna.load_study(study_name=s.study_name, storage=storage(engine)))
+        for s in _summaries(engine, project)
+    ]
+    return sorted(statuses, key=lambda s: s.started_at)
+
+
+def results(study: optuna.Study) -> dict[str, Any]:
+    """The summary of a complete study (Conflict while it runs or after it was abandoned)."""
+    current = status(study)
+    if current.state != COMPLETE:
+        raise Conflict(
+            f"tuning study {current.name!r} is {current.state} ({current.done} of "
+            f"{current.total} trials done): no results yet"
+        )
+    plan = study.user_attrs[PLAN_ATTR]
+    options = plan["options"]
+    outcomes = [
+        outcome_from_dict(trial.user_attrs[OUTCOME_ATTR])
+        for trial in study.get_trials(deepcopy=False)
+        if OUTCOME_ATTR in trial.user_attrs
+    ]
+    return summarize(
+        outcomes,
+        metric=_plan_of(study).metric,
+        metric_label=options["metric"],
+        rare_class=plan["rare_class"],
+        class_names=plan["class_names"],
+        context={
+            "project": plan["project"],
+            "dataset_version": plan["dataset_version"],
+            "labels": plan["labels"],
+            "mode": options["mode"],
+            "folds": options["folds"],
+            "repeats": options["repeats"],
+            "study": study.study_name,
+            "failed": current.failed,
+        },
+    )
+
+
+def tune_project(
+    engine: sa.Engine,
+    settings: Settings,
+    project: str,
+    options: TuneOptions,
+    *,
+    out: Path,
+    dispatch: Dispatch | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    wait_s: float | None = None,
+    poll_s: float = 1.0,
+) -> dict[str, Any]:
+    """The command's flow: begin a study, run its trials here (`dispatch` None) or on workers
+    while watching it, then write its outputs to `out`; returns the summary.
+
+    wait_s: give up watching (TransientError; the study goes on, `status` closes it) when no
+    trial ends for that long."""
+    study, requests = begin(engine, settings, project, options, dispatch=dispatch)
+    if dispatch is None:
+        run_here(engine, settings, study, requests, on_progress)
+    else:
+        _watch(study, on_progress, wait_s, poll_s)
+    summary = results(study)
+    write_outputs(summary, out)
+    return summary
+
+
+def _watch(
+    study: optuna.Study,
+    on_progress: Callable[[int, int], None] | None,
+    wait_s: float | None,
+    poll_s: float,
+) -> None:
+    """Poll the study until it is closed; TransientError after `wait_s` without a trial ending."""
+    last, last_change = -1, time.monotonic()
+    while True:
+        current = status(study)
+        if current.done != last:
+            last, last_change = current.done, time.monotonic()
+            if on_progress is not None:
+                on_progress(current.done, current.total)
+        if current.state != RUNNING:
+            return
+        if wait_s is not None and time.monotonic() - last_change > wait_s:
+            raise TransientError(
+                f"no tuning trial ended for {wait_s:.0f} s ({current.done} of {current.total} "
+                "done): are gpu workers running (focalloop worker --queues gpu)? The study "
+                f"{current.name!r} goes on; its status shows when it is done."
+            )
+        time.sleep(poll_s)
