@@ -22,8 +22,7 @@ from services.tuning import TRIAL_TASK
 from workers.heartbeat import Heartbeat
 
 # `focalloop tune`'s trials train models too: they share the gpu queue with the cycle's stages.
-TUNE_TRIAL = TRIAL_TASK
-GPU_TASKS = tuple(sorted([*(task_name(stage) for stage in ACCELERATED), TUNE_TRIAL]))
+GPU_TASKS = tuple(sorted([*(task_name(stage) for stage in ACCELERATED), TRIAL_TASK]))
 # Beat's own tasks (not stages of the flow): they start cycles, recover, reconcile.
 START_DUE = "focalloop.maybe_start_cycles"
 RECONCILE = "focalloop.reconcile_labelers"

@@ -24,7 +24,8 @@ from services.cycle.stages import run_step
 from services.cycle.trigger import start_due_cycles
 from services.db import engine_from_settings
 from services.errors import TransientError
-from workers.app import RECONCILE, RECOVER, START_DUE, TUNE_TRIAL, app
+from services.tuning import TRIAL_TASK
+from workers.app import RECONCILE, RECOVER, START_DUE, app
 from workers.devices import WorkerPlan, pin
 from workers.enqueue import broker_was_reset
 from workers.heartbeat import forget_inherited_engine
@@ -203,7 +204,7 @@ def recover_stalled() -> None:
         log.info("recovery: %s", recovery)
 
 
-@task(TUNE_TRIAL)
+@task(TRIAL_TASK)
 def tune_trial(request: dict[str, Any]) -> None:
     """`focalloop tune`: run one grid cell or search trial of a study (services.tuning.run)."""
     from services.tuning.run import TrialRequest, run_request

@@ -24,13 +24,15 @@ class TuningStart(Strict):
     metric: str = Field(
         default="minority_f1",
         max_length=200,
-        description="minority_f1, macro_f1 or recall:CLASS (a label name).",
+        description="minority_f1 (the class with the fewest labels), macro_f1, recall:CLASS or "
+        "f1:CLASS (a label name).",
     )
     gammas: list[float] = Field(
         default=list(GRID_GAMMAS),
         min_length=1,
         max_length=20,
-        description=f"Grid gammas, each in [{GRID_GAMMAS[0]:g}, {GAMMA_RANGE[1]:g}].",
+        description=f"Grid gammas, each in [{GAMMA_RANGE[0]:g}, {GAMMA_RANGE[1]:g}] and given "
+        "once; 0 (cross-entropy) is always added. Grid only.",
     )
 
 

@@ -10,8 +10,10 @@ tuned setting; each is scored on the seed's test split, which tuning never saw. 
 the mean F1 over the setting's rare classes.
 
 tune-scaling: wall time of one 15-cell grid (3 x 3 folds) run by `focalloop worker --queues gpu`
-with 1 and with 2 pool processes (one torch thread each) on a private redis-server, timed from
-the first trial sent until the last one is in the study; runs alternate between the two.
+with 1 and with 2 pool processes (one torch thread each) on a private redis-server, timed as
+the command runs it: from checking the options (loading the labels) through sending the trials
+until the last one is in the study, and the summary and plots written; runs alternate between
+the two counts.
 """
 
 import multiprocessing
@@ -45,9 +47,9 @@ from services.servers import FOCALLOOP, RedisServer
 from services.simulation.config import Arm
 from services.simulation.deployment import Deployment, ProjectSettings, deploy
 from services.simulation.run import after_loop
+from services.tuning.coordinator import tune_project
 from services.tuning.run import TuneOptions, celery_dispatch, load_tuning_data
 from services.tuning.space import Setting, to_loss
-from services.tuning.studies import tune_project
 
 VALUE_SETTINGS = ("digits-img-8@2%", "digits-feat-5@3%", "gen-binary@2%")
 ARMS = ("default", "ce", "tuned")
@@ -71,8 +73,12 @@ class ValueRow:
         return asdict(self)
 
 
-def value_job(setting_name: str, seed: int, base: Settings, folds: int, repeats: int) -> ValueRow:
-    """One seed of one setting (a process-pool job: names in, a row out)."""
+def value_job(
+    setting_name: str, seed: int, base: Settings, folds: int, repeats: int, rank_by: str
+) -> ValueRow:
+    """One seed of one setting (a process-pool job: names in, a row out). rank_by: what the
+    study maximizes, "minority_f1" (`tune`'s default: the class with the fewest labels, which
+    after active learning is often not the rare one) or "rare_f1" (the setting's rare class)."""
     setting = SETTINGS[setting_name]
     dataset = setting.build()
     config = simulation_config(setting)
@@ -91,7 +97,7 @@ def value_job(setting_name: str, seed: int, base: Settings, folds: int, repeats:
             deployment.engine,
             deployment.settings,
             deployment.project,
-            TuneOptions(folds=folds, repeats=repeats),
+            TuneOptions(folds=folds, repeats=repeats, metric=_metric(rank_by, setting.rare[0])),
             out=Path(scratch) / "tune",
         )
         data = load_tuning_data(deployment.engine, deployment.settings, deployment.project)
@@ -139,6 +145,11 @@ def value_job(setting_name: str, seed: int, base: Settings, folds: int, repeats:
     )
 
 
+def _metric(rank_by: str, rare_class: int) -> str:
+    # The deployment names classes "0".."C-1".
+    return f"f1:{rare_class}" if rank_by == "rare_f1" else "minority_f1"
+
+
 def run_value_bench(
     base: Settings,
     *,
@@ -147,6 +158,7 @@ def run_value_bench(
     workers: int = 2,
     folds: int = 3,
     repeats: int = 1,
+    rank_by: str = "minority_f1",
     on_row: Callable[[ValueRow, int, int], None] | None = None,
 ) -> list[ValueRow]:
     """Every setting x seed, `workers` processes (spawned: torch's OpenMP pool and fork do not
@@ -156,7 +168,9 @@ def run_value_bench(
     context = multiprocessing.get_context("spawn")
     rows: list[ValueRow] = []
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = [pool.submit(value_job, name, seed, base, folds, repeats) for name, seed in jobs]
+        futures = [
+            pool.submit(value_job, name, seed, base, folds, repeats, rank_by) for name, seed in jobs
+        ]
         for done, future in enumerate(futures, start=1):
             rows.append(future.result())
             if on_row is not None:

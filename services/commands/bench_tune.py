@@ -26,6 +26,13 @@ def bench_tune_value(
     workers: Annotated[int, typer.Option(min=1, help="Processes running jobs.")] = 2,
     folds: Annotated[int, typer.Option(min=2)] = 3,
     repeats: Annotated[int, typer.Option(min=1)] = 1,
+    rank_by: Annotated[
+        str,
+        typer.Option(
+            help="What tuning maximizes: minority_f1 (tune's default, the class with the fewest "
+            "labels) or rare_f1 (the setting's rare class)."
+        ),
+    ] = "minority_f1",
     json_path: JsonOption = None,
 ) -> None:
     """Tuned vs default vs cross-entropy: rare-class F1 on the test split after the default
@@ -41,6 +48,8 @@ def bench_tune_value(
     unknown = [name for name in names if name not in SETTINGS]
     if unknown:
         raise typer.BadParameter(f"unknown settings {unknown}", param_hint="--setting")
+    if rank_by not in ("minority_f1", "rare_f1"):
+        raise typer.BadParameter("minority_f1 or rare_f1", param_hint="--rank-by")
     rows = run_value_bench(
         get_settings(),
         settings=names,
@@ -48,6 +57,7 @@ def bench_tune_value(
         workers=workers,
         folds=folds,
         repeats=repeats,
+        rank_by=rank_by,
         on_row=lambda row, done, total: console.print(
             f"  {done}/{total} {row.setting} seed {row.seed}: "
             + ", ".join(f"{arm} {row.rare_f1[arm]:.3f}" for arm in ARMS)
@@ -81,6 +91,7 @@ def bench_tune_value(
             device=resolve_device("cpu"),
             rows=[row.to_dict() for row in rows],
             summary=summary,
+            rank_by=rank_by,
         )
         console.print(f"wrote {json_path}")
 

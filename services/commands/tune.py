@@ -33,7 +33,11 @@ def tune(
         typer.Option("--gamma", help="Grid gammas (repeatable; default 0, 0.5, 1, 2, 3)."),
     ] = None,
     metric: Annotated[
-        str, typer.Option(help="minority_f1, macro_f1 or recall:CLASS (a label name).")
+        str,
+        typer.Option(
+            help="minority_f1 (the class with the fewest labels), macro_f1, recall:CLASS or "
+            "f1:CLASS (a label name)."
+        ),
     ] = "minority_f1",
     out: Annotated[
         Path, typer.Option(help="Where tuning.json, heatmaps.png, validation_curve.png go.")
@@ -58,9 +62,9 @@ def tune(
     from rich.progress import Progress
 
     from services.config import get_settings
+    from services.tuning.coordinator import tune_project
     from services.tuning.run import TuneOptions, apply_best, celery_dispatch
     from services.tuning.space import GRID_GAMMAS
-    from services.tuning.studies import tune_project
 
     options = TuneOptions(
         mode="search" if search else "grid",

@@ -20,20 +20,24 @@ from services.recipe import Recipe, fit
 from services.tuning.folds import Fold, FoldScores, fold_scores
 from services.tuning.space import Setting, to_loss
 
-# Called after each fold with (folds done, the metric's mean so far); True stops the trial.
-PruneCheck = Callable[[int, float], bool]
+# Called after each fold with (folds done, the metric's mean so far); True stops the trial
+# (a pruner's verdict; ignored after the last fold).
+AfterFold = Callable[[int, float], bool]
 
 
 @dataclass(frozen=True)
 class TuningData:
     """A project's labeled training rows: items [m, *item_shape] float32, labels [m] class
-    indices; class_names [C]; rare_class: the class with the fewest labels (ties: the first)."""
+    indices; class_names [C]; rare_class: the class with the fewest labels (ties: the first).
+    rows_sha: a digest of the rows (item ids and labels), which every trial of a study must
+    see unchanged."""
 
     items: NDArray[np.float32]
     labels: NDArray[np.int64]
     class_names: list[str]
     seed: int
     version: int
+    rows_sha: str = ""
 
     @property
     def rare_class(self) -> int:
@@ -43,8 +47,8 @@ class TuningData:
 
 @dataclass(frozen=True)
 class Metric:
-    """What a study maximizes, from one fold's scores: "minority_f1" (the rarest class's F1),
-    "macro_f1", or "recall" of the class `class_index`."""
+    """What a study maximizes, from one fold's scores: "macro_f1", or the "f1" or "recall" of
+    the class `class_index` (the minority F1 is "f1" of the class with the fewest labels)."""
 
     name: str
     class_index: int | None = None
@@ -88,7 +92,7 @@ def run_trial(
     folds: list[Fold],
     recipe: Recipe,
     metric: Metric,
-    should_prune: PruneCheck | None = None,
+    after_fold: AfterFold | None = None,
 ) -> TrialOutcome:
     """Train and judge `setting` on each fold in turn (from scratch, the recipe's schedule)."""
     loss = to_loss(setting, recipe.loss, rare_class=data.rare_class)
@@ -114,8 +118,8 @@ def run_trial(
         ).probs
         predicted = probs.argmax(1).astype(np.int64)
         outcome.folds.append(fold_scores(data.labels[fold.held], predicted, n_classes))
-        last = index + 1 == len(folds)
-        if not last and should_prune is not None and should_prune(index + 1, outcome.mean(metric)):
+        stop = after_fold is not None and after_fold(index + 1, outcome.mean(metric))
+        if stop and index + 1 < len(folds):
             outcome.pruned = True
             break
     return outcome

@@ -34,16 +34,20 @@ def make_folds(
     InvalidInput when folds < 2, repeats < 1, or a class present in the project has fewer
     labels than folds (named, with its count)."""
     if folds < 2:
-        raise InvalidInput(f"--folds must be at least 2, got {folds}")
+        raise InvalidInput(f"folds must be at least 2, got {folds}")
     if repeats < 1:
-        raise InvalidInput(f"--repeats must be at least 1, got {repeats}")
+        raise InvalidInput(f"repeats must be at least 1, got {repeats}")
     counts = np.bincount(labels, minlength=len(class_names))
     short = [(class_names[c], int(n)) for c, n in enumerate(counts) if n < folds]
     if short:
         listed = ", ".join(f"{name!r} has {n}" for name, n in short)
+        remedy = (
+            "label some of each first"
+            if any(n == 0 for _, n in short)
+            else "label more of them or use fewer folds"
+        )
         raise InvalidInput(
-            f"every class needs at least {folds} labels for {folds} folds: {listed}; label "
-            f"more items of it or use fewer --folds"
+            f"every class needs at least {folds} labels for {folds} folds: {listed}; {remedy}"
         )
     splitter = RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed)
     placeholder = np.zeros(len(labels))

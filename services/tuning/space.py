@@ -14,6 +14,7 @@ alpha is named by a string so that a grid cell has one label everywhere (table, 
 """
 
 from dataclasses import dataclass, replace
+from typing import Any, cast
 
 from services.errors import InvalidInput
 from services.ml.train import LossSpec
@@ -78,7 +79,7 @@ def to_loss(setting: Setting, base: LossSpec, *, rare_class: int) -> LossSpec:
         alpha = (1.0 - value, value) if rare_class == 1 else (value, 1.0 - value)
     else:
         alpha = setting.alpha
-    return replace(base, kind="focal", gamma=setting.gamma, alpha=alpha)  # type: ignore[arg-type]
+    return replace(base, kind="focal", gamma=setting.gamma, alpha=cast(Any, alpha))
 
 
 def grid(n_classes: int, gammas: tuple[float, ...] = GRID_GAMMAS) -> list[Setting]:

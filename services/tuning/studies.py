@@ -10,11 +10,12 @@ A study is "running" until closed; one whose last trial ended (or which began) m
 are gone) and no longer holds up a new one.
 """
 
+import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -23,20 +24,24 @@ import sqlalchemy as sa
 from services.config import Settings
 from services.errors import Conflict, NotFound, TransientError
 from services.tuning.evaluate import Metric
-from services.tuning.report import outcome_from_dict, summarize, write_outputs
+from services.tuning.report import outcome_from_dict, summarize
 from services.tuning.run import Dispatch, TrialRequest, TuneOptions, prepare, run_request
 from services.tuning.space import Setting
 from services.tuning.study import (
+    ENDED,
+    HEARTBEAT_ATTR,
     OUTCOME_ATTR,
     StudyPlan,
     accounted,
+    cells_with_trials,
     exclusive,
     fail_orphans,
-    finished_settings,
     open_study,
     remaining,
     storage,
 )
+
+log = logging.getLogger(__name__)
 
 PLAN_ATTR = "plan"
 RUNNING, COMPLETE, ABANDONED = "running", "complete", "abandoned"
@@ -74,14 +79,21 @@ def _plan_of(study: optuna.Study) -> StudyPlan:
     options = TuneOptions.from_dict(plan["options"])
     metric = Metric(plan["metric"]["name"], plan["metric"]["class_index"])
     cells = tuple(Setting(float(cell["gamma"]), str(cell["alpha"])) for cell in plan["grid"])
-    return StudyPlan(mode=options.mode, metric=metric, trials=options.trials, grid=cells)
+    return StudyPlan(
+        mode=options.mode,
+        metric=metric,
+        trials=options.trials,
+        grid=cells,
+        warmup_folds=options.folds,
+    )
 
 
 def _last_activity(study: optuna.Study) -> float:
+    """When the study was last worked on: begun, a fold's heartbeat, a trial's end."""
     began = datetime.fromisoformat(study.user_attrs[PLAN_ATTR]["started_at"]).timestamp()
     trials = study.get_trials(deepcopy=False)
     ended = [t.datetime_complete.timestamp() for t in trials if t.datetime_complete]
-    return max([began, *ended])
+    return max([began, float(study.user_attrs.get(HEARTBEAT_ATTR, 0.0)), *ended])
 
 
 def begin(
@@ -97,10 +109,9 @@ def begin(
     project runs (Conflict), record a new study, and return it with its trial requests: sent
     to `dispatch` already when given, for the caller to run otherwise."""
     prepared = prepare(engine, settings, project, options)
+    options = prepared.options
     with exclusive(engine, project):
-        earlier = 0
         for summary in _summaries(engine, project):
-            earlier += 1
             study = optuna.load_study(study_name=summary.study_name, storage=storage(engine))
             state = study.user_attrs[PLAN_ATTR]["state"]
             if state != RUNNING or _close_if_done(study):
@@ -113,8 +124,18 @@ def begin(
                 f"tuning study {summary.study_name!r} of project {project!r} is still running "
                 f"({done} of {total} trials done); wait for it to finish"
             )
-        name = f"{prepared.study_name}-{earlier + 1}"
-        study = open_study(engine, name, prepared.plan, seed=prepared.data.seed)
+        # The project's name and a count: unique across projects (a project name never ends
+        # in "-N" where another's count could), safe in a URL, and what a person types. Counted
+        # from the names, so a study left without its plan (a crash right after creating it)
+        # still takes its number.
+        numbered = re.compile(rf"{re.escape(project)}-(\d+)")
+        taken = [
+            int(match.group(1))
+            for existing in optuna.get_all_study_names(storage(engine))
+            if (match := numbered.fullmatch(existing))
+        ]
+        name = f"{project}-{max(taken, default=0) + 1}"
+        study = open_study(engine, name, prepared.plan, seed=prepared.data.seed, create=True)
         plan = prepared.plan
         total = len(plan.grid) if plan.mode == "grid" else plan.trials
         study.set_user_attr(
@@ -128,12 +149,17 @@ def begin(
                 "state": RUNNING,
                 "started_at": datetime.now(UTC).isoformat(),
                 "dataset_version": prepared.data.version,
+                "rows_sha": prepared.data.rows_sha,
                 "labels": len(prepared.data.labels),
-                "rare_class": prepared.data.rare_class,
+                # The class the heatmaps' precision, recall and F1 are of: the one the metric
+                # names, else the one with the fewest labels.
+                "rare_class": plan.metric.class_index
+                if plan.metric.class_index is not None
+                else prepared.data.rare_class,
                 "class_names": prepared.data.class_names,
             },
         )
-    requests = _requests(study, name, project, options, plan)
+    requests = _requests(study, options)
     if dispatch is not None:
         try:
             for request in requests:
@@ -149,17 +175,23 @@ def begin(
     return study, requests
 
 
-def _requests(
-    study: optuna.Study, name: str, project: str, options: TuneOptions, plan: StudyPlan
-) -> list[TrialRequest]:
+def _requests(study: optuna.Study, options: TuneOptions) -> list[TrialRequest]:
+    plan, recorded = _plan_of(study), study.user_attrs[PLAN_ATTR]
+    common = {
+        "project": recorded["project"],
+        "study": study.study_name,
+        "options": options.to_dict(),
+        "version": recorded["dataset_version"],
+        "rows_sha": recorded["rows_sha"],
+    }
     if plan.mode == "grid":
-        written = finished_settings(study)
+        ended = cells_with_trials(study, ENDED)
         return [
-            TrialRequest(project, name, options.to_dict(), cell.gamma, cell.alpha)
+            TrialRequest(**common, gamma=cell.gamma, alpha=cell.alpha)
             for cell in plan.grid
-            if cell not in written
+            if cell not in ended
         ]
-    return [TrialRequest(project, name, options.to_dict())] * remaining(study, plan)
+    return [TrialRequest(**common)] * remaining(study, plan)
 
 
 def run_here(
@@ -169,11 +201,15 @@ def run_here(
     requests: list[TrialRequest],
     on_progress: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Run a study's requests in this process; the study is abandoned if this stops early."""
+    """Run a study's requests in this process. A trial that raises is recorded as failed and
+    the rest go on, as on workers; an interrupt abandons the study."""
     plan, total = _plan_of(study), study.user_attrs[PLAN_ATTR]["total"]
     try:
         for request in requests:
-            run_request(engine, settings, request)
+            try:
+                run_request(engine, settings, request)
+            except Exception:
+                log.exception("tuning trial of %s failed", study.study_name)
             if on_progress is not None:
                 on_progress(accounted(study, plan), total)
     except BaseException:
@@ -248,6 +284,11 @@ def results(study: optuna.Study) -> dict[str, Any]:
         for trial in study.get_trials(deepcopy=False)
         if OUTCOME_ATTR in trial.user_attrs
     ]
+    if not outcomes or all(outcome.pruned for outcome in outcomes):
+        raise Conflict(
+            f"tuning study {current.name!r} has no trial that ran every fold "
+            f"({current.failed} failed, {current.pruned} pruned): nothing to report"
+        )
     return summarize(
         outcomes,
         metric=_plan_of(study).metric,
@@ -265,55 +306,3 @@ def results(study: optuna.Study) -> dict[str, Any]:
             "failed": current.failed,
         },
     )
-
-
-def tune_project(
-    engine: sa.Engine,
-    settings: Settings,
-    project: str,
-    options: TuneOptions,
-    *,
-    out: Path,
-    dispatch: Dispatch | None = None,
-    on_progress: Callable[[int, int], None] | None = None,
-    wait_s: float | None = None,
-    poll_s: float = 1.0,
-) -> dict[str, Any]:
-    """The command's flow: begin a study, run its trials here (`dispatch` None) or on workers
-    while watching it, then write its outputs to `out`; returns the summary.
-
-    wait_s: give up watching (TransientError; the study goes on, `status` closes it) when no
-    trial ends for that long."""
-    study, requests = begin(engine, settings, project, options, dispatch=dispatch)
-    if dispatch is None:
-        run_here(engine, settings, study, requests, on_progress)
-    else:
-        _watch(study, on_progress, wait_s, poll_s)
-    summary = results(study)
-    write_outputs(summary, out)
-    return summary
-
-
-def _watch(
-    study: optuna.Study,
-    on_progress: Callable[[int, int], None] | None,
-    wait_s: float | None,
-    poll_s: float,
-) -> None:
-    """Poll the study until it is closed; TransientError after `wait_s` without a trial ending."""
-    last, last_change = -1, time.monotonic()
-    while True:
-        current = status(study)
-        if current.done != last:
-            last, last_change = current.done, time.monotonic()
-            if on_progress is not None:
-                on_progress(current.done, current.total)
-        if current.state != RUNNING:
-            return
-        if wait_s is not None and time.monotonic() - last_change > wait_s:
-            raise TransientError(
-                f"no tuning trial ended for {wait_s:.0f} s ({current.done} of {current.total} "
-                "done): are gpu workers running (focalloop worker --queues gpu)? The study "
-                f"{current.name!r} goes on; its status shows when it is done."
-            )
-        time.sleep(poll_s)

@@ -5,13 +5,14 @@ Storage sits beside the state database but never in it, so Optuna's tables and i
 history (`alembic_version`, which ours uses too) never meet ours: a PostgreSQL state database
 gets an `optuna` schema on the same server; a SQLite one an Optuna SQLite file next to it.
 Workers on other hosts reach PostgreSQL as they reach the state; SQLite is one host, as it is
-for the state. Study names carry the dataset version and the options, so a new version starts
-a new study and a rerun of the same command finishes the old one.
+for the state.
 
-What a worker dying does: a grid cell is written only once all its folds ran, so a lost cell
-is simply run again (and a cell already written is never run twice); a search trial that was
-asked for but never told stays RUNNING, and `fail_orphans` marks it failed once every
-dispatched trial has reported.
+What a worker dying does: a grid cell is written only once all its folds ran (or as failed when
+it raised), so a cell lost with its worker is simply run again by the redelivered task, and a
+cell already written is never run twice; a search trial that was asked for but never told stays
+RUNNING, and `fail_orphans` marks it failed once every dispatched trial has reported.
+Workers record a heartbeat on the study after every fold, so a long cell is not taken for an
+abandoned study.
 """
 
 import contextlib
@@ -19,6 +20,7 @@ import fcntl
 import hashlib
 import math
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +60,9 @@ class StudyPlan:
     metric: Metric
     trials: int
     grid: tuple[Setting, ...] = ()
+    # Folds per repeat: the pruner waits for one whole repeat, since a single fold's rare-class
+    # F1 rests on a handful of items and would prune good settings by chance.
+    warmup_folds: int = 3
 
 
 def storage_url(state_url: str) -> tuple[str, dict[str, object]]:
@@ -114,24 +119,43 @@ def exclusive(engine: sa.Engine, project: str) -> Iterator[None]:
         os.close(handle)  # closing releases the lock
 
 
-def open_study(engine: sa.Engine, name: str, plan: StudyPlan, *, seed: int) -> optuna.Study:
-    """Create (or reopen) the study; a new search study gets cross-entropy enqueued first."""
+def open_study(
+    engine: sa.Engine, name: str, plan: StudyPlan, *, seed: int, create: bool = False
+) -> optuna.Study:
+    """Create the study (`create`: DuplicatedStudyError if the name is taken) or load it, with
+    the plan's sampler and pruner (Optuna keeps neither); a new search study gets
+    cross-entropy enqueued first."""
     pruner: optuna.pruners.BasePruner = (
-        optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+        optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=plan.warmup_folds)
         if plan.mode == "search"
         else optuna.pruners.NopPruner()
     )
+    # constant_liar: trials run in parallel on several workers; without it TPE would propose
+    # nearly the same point to each of them.
+    sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    if not create:
+        return optuna.load_study(
+            study_name=name, storage=storage(engine), sampler=sampler, pruner=pruner
+        )
     study = optuna.create_study(
         study_name=name,
         storage=storage(engine),
         direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=seed),
+        sampler=sampler,
         pruner=pruner,
-        load_if_exists=True,
     )
-    if plan.mode == "search" and not study.trials:
-        study.enqueue_trial({"gamma": 0.0, "alpha": "none"})
+    if plan.mode == "search":
+        study.enqueue_trial(CROSS_ENTROPY_PARAMS)
     return study
+
+
+CROSS_ENTROPY_PARAMS: dict[str, float | str] = {"gamma": 0.0, "alpha": "none"}
+HEARTBEAT_ATTR = "heartbeat"
+
+
+def heartbeat(study: optuna.Study) -> None:
+    """Say the study is being worked on (read by `studies`' staleness check)."""
+    study.set_user_attr(HEARTBEAT_ATTR, time.time())
 
 
 def _alpha_choices(n_classes: int) -> list[str]:
@@ -147,17 +171,22 @@ def _suggest(trial: optuna.Trial, n_classes: int) -> Setting:
     return check_setting(Setting(gamma, alpha), n_classes)
 
 
-def finished_settings(study: optuna.Study) -> set[Setting]:
-    """Settings whose trial is complete."""
+def cells_with_trials(study: optuna.Study, states: tuple[TrialState, ...]) -> set[Setting]:
+    """Grid cells that have a trial in one of `states`."""
     return {
-        _setting_of(trial)
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        Setting(float(trial.params["gamma"]), str(trial.params["alpha"]))
+        for trial in study.get_trials(deepcopy=False, states=states)
     }
 
 
-def _setting_of(trial: optuna.trial.FrozenTrial) -> Setting:
-    outcome = trial.user_attrs[OUTCOME_ATTR]
-    return Setting(float(outcome["gamma"]), str(outcome["alpha"]))
+ENDED = (TrialState.COMPLETE, TrialState.FAIL)
+
+
+def _cell_distributions() -> dict[str, optuna.distributions.BaseDistribution]:
+    return {
+        "gamma": FloatDistribution(*GAMMA_RANGE),
+        "alpha": CategoricalDistribution(list(ALPHA_SCHEMES)),
+    }
 
 
 def run_grid_cell(
@@ -168,19 +197,25 @@ def run_grid_cell(
     recipe: Recipe,
     metric: Metric,
 ) -> TrialOutcome | None:
-    """Run one grid cell and add it to the study as a complete trial; None when the cell is
-    already there (a redelivered task)."""
-    if setting in finished_settings(study):
+    """Run one grid cell and add it to the study as a complete trial, or as a failed one
+    (re-raising) when it raises; None when the cell already ended (a redelivered task)."""
+    if setting in cells_with_trials(study, ENDED):
         return None
-    outcome = run_trial(setting, data, folds, recipe, metric)
+
+    def after_fold(_step: int, _value: float) -> bool:
+        heartbeat(study)
+        return False  # the grid is never pruned: every cell of the heatmap needs every fold
+
+    try:
+        outcome = run_trial(setting, data, folds, recipe, metric, after_fold)
+    except Exception as error:
+        record_failure(study, setting, f"{type(error).__name__}: {error}")
+        raise
     value = outcome.mean(metric)
     study.add_trial(
         optuna.trial.create_trial(
             params={"gamma": setting.gamma, "alpha": setting.alpha},
-            distributions={
-                "gamma": FloatDistribution(*GAMMA_RANGE),
-                "alpha": CategoricalDistribution(list(ALPHA_SCHEMES)),
-            },
+            distributions=_cell_distributions(),
             value=value if math.isfinite(value) else 0.0,
             user_attrs={OUTCOME_ATTR: outcome.to_dict()},
         )
@@ -188,21 +223,48 @@ def run_grid_cell(
     return outcome
 
 
+def record_failure(study: optuna.Study, cell: Setting | None, reason: str) -> None:
+    """Record a trial that could not run: grid cell `cell` as failed, or (None) a failed
+    search trial."""
+    attrs = {"error": reason[:1000]}
+    if cell is None:
+        trial = study.ask()
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        study.tell(trial, state=TrialState.FAIL)
+        return
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.FAIL,
+            params={"gamma": cell.gamma, "alpha": cell.alpha},
+            distributions=_cell_distributions(),
+            user_attrs=attrs,
+        )
+    )
+
+
 def run_search_trial(
     study: optuna.Study, data: TuningData, folds: list[Fold], recipe: Recipe, metric: Metric
 ) -> TrialOutcome:
     """Ask the study for a setting, run it fold by fold (reporting the metric after each so the
-    pruner can stop a poor one), and tell the study how it ended."""
+    pruner can stop a poor one), and tell the study how it ended. Cross-entropy is enqueued
+    again first if its trial was lost with a worker, so the baseline is always evaluated."""
+    trials = study.get_trials(deepcopy=False)
+    alive = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+    if not any(t.params == CROSS_ENTROPY_PARAMS and t.state in alive for t in trials):
+        study.enqueue_trial(CROSS_ENTROPY_PARAMS, skip_if_exists=True)
     trial = study.ask()
     setting = _suggest(trial, len(data.class_names))
 
-    def should_prune(step: int, value: float) -> bool:
+    def after_fold(step: int, value: float) -> bool:
+        heartbeat(study)
         trial.report(value, step)
         return trial.should_prune()
 
     try:
-        outcome = run_trial(setting, data, folds, recipe, metric, should_prune)
-    except BaseException:
+        outcome = run_trial(setting, data, folds, recipe, metric, after_fold)
+    except BaseException as error:
+        trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:1000])
         study.tell(trial, state=TrialState.FAIL)
         raise
     trial.set_user_attr(OUTCOME_ATTR, outcome.to_dict())
@@ -215,9 +277,10 @@ def run_search_trial(
 
 
 def accounted(study: optuna.Study, plan: StudyPlan) -> int:
-    """Trials that reached an end: grid cells written, or search trials told (any state)."""
+    """Trials that reached an end: grid cells written (complete or failed), or search trials
+    told (any state)."""
     if plan.mode == "grid":
-        return len(finished_settings(study) & set(plan.grid))
+        return len(cells_with_trials(study, ENDED) & set(plan.grid))
     return sum(1 for trial in study.get_trials(deepcopy=False) if trial.state.is_finished())
 
 
@@ -228,8 +291,9 @@ def remaining(study: optuna.Study, plan: StudyPlan) -> int:
 
 def fail_orphans(study: optuna.Study) -> int:
     """Mark failed the trials still RUNNING although nothing runs them any more (their worker
-    died after asking); call only when every dispatched trial has reported. Returns how many."""
+    died after asking); call only when every dispatched trial has reported. Two readers may do
+    this at once: a trial the other already failed is skipped. Returns how many."""
     orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in orphans:
-        study.tell(trial.number, state=TrialState.FAIL)
+        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
     return len(orphans)

@@ -4,6 +4,7 @@ accounted for, and --apply sets the project's loss with an audit entry."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from tests.integration.test_workers import Cluster
 
 pytestmark = pytest.mark.timeout(420)
 FOCALLOOP = str(Path(sys.executable).with_name("focalloop"))
+RECEIVED = re.compile(r"Task focalloop\.tune_trial\[[^\]]+\] received")
 
 
 def _pool_processes(root: int) -> list[int]:
@@ -85,13 +87,14 @@ def test_a_grid_study_on_workers_survives_a_killed_trial_and_applies_the_best(
     )
     try:
         deadline = time.monotonic() + 120
-        while "Task focalloop.tune_trial[" not in running.log("worker"):
+        # Both pool processes hold a trial (prefetch 1 each) once two have been received.
+        while len(RECEIVED.findall(running.log("worker"))) < 2:
             assert time.monotonic() < deadline, running.log("worker")
             assert coordinator.poll() is None, coordinator.communicate()[0]
             time.sleep(0.2)
         pool = _pool_processes(worker.pid)
         assert len(pool) == 2, pool
-        os.kill(pool[0], signal.SIGKILL)  # both pool processes hold a trial: one dies mid-trial
+        os.kill(pool[0], signal.SIGKILL)  # it dies mid-trial
         output = coordinator.communicate(timeout=300)[0].decode()
     finally:
         if coordinator.poll() is None:

@@ -3,6 +3,7 @@ it, never in it), search from cross-entropy, bad input. The study on real Celery
 loses a pool process mid-trial is tests/faults/test_tune_worker_killed.py."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,11 @@ from services import db
 from services.config import Settings
 from services.datasets.pool import add_to_pool
 from services.datasets.snapshot import snapshot
-from services.errors import Conflict, InvalidInput
+from services.errors import Conflict, InvalidInput, PermanentError
 from services.projects import ProjectSpec, create_project
-from services.tuning.run import TrialRequest, TuneOptions
-from services.tuning.studies import begin, list_studies, results, status, tune_project
+from services.tuning.coordinator import tune_project
+from services.tuning.run import TrialRequest, TuneOptions, run_request
+from services.tuning.studies import begin, list_studies, results, status
 from services.tuning.study import exclusive
 from tests.conftest import Digits
 from tests.integration.conftest import unique_name
@@ -101,6 +103,12 @@ def test_a_study_runs_on_each_state_backend_beside_the_state(
         begin(engine, settings, name, SMALL_GRID, dispatch=sent.append)
     with pytest.raises(Conflict, match="no results yet"):
         results(running)
+    # A trial whose dataset rows changed since the study began is recorded failed, not run on
+    # other folds than the rest.
+    changed = replace(sent[0], rows_sha="0" * 64)
+    with pytest.raises(PermanentError, match="no longer holds the training rows"):
+        run_request(engine, settings, changed)
+    assert (status(running).done, status(running).failed) == (1, 1)
     later, _ = begin(engine, settings, name, SMALL_GRID, dispatch=sent.append, stale_s=0.0)
     assert status(running).state == "abandoned" and status(later).state == "running"
     assert [s.state for s in list_studies(engine, name)] == ["complete", "abandoned", "running"]
@@ -122,7 +130,8 @@ def test_search_starts_from_cross_entropy_and_bad_input_changes_nothing(
     assert summary["trials"] == 2 and summary["metric"] == "recall:eight"
     bad = [
         (TuneOptions(metric="recall:cat"), "no class 'cat'"),
-        (TuneOptions(metric="auc"), "unknown --metric 'auc'"),
+        (TuneOptions(metric="auc"), "unknown metric 'auc'"),
+        (TuneOptions(gammas=(1.0, 1.0)), "gamma 1 is given more than once"),
         (TuneOptions(gammas=(0.0, -1.0)), "gamma must be in"),
         (TuneOptions(folds=11), "every class needs at least 11 labels for 11 folds"),
     ]

@@ -14,9 +14,9 @@ from services.errors import Conflict, InvalidInput
 from services.ml.train import LossSpec, TrainConfig
 from services.recipe import default_recipe
 from services.tuning.evaluate import Metric, TuningData
-from services.tuning.folds import make_folds
+from services.tuning.folds import Fold, make_folds
 from services.tuning.report import outcome_from_dict, summarize, write_outputs
-from services.tuning.run import parse_metric
+from services.tuning.run import TuneOptions, parse_metric
 from services.tuning.space import Setting, check_setting, grid, to_loss
 from services.tuning.study import (
     OUTCOME_ATTR,
@@ -57,8 +57,19 @@ def test_the_grid_is_the_guides_fifteen_settings_cross_entropy_first() -> None:
 def test_bad_settings_are_refused(setting: Setting, classes: int, message: str) -> None:
     with pytest.raises(InvalidInput, match=message.replace("[", r"\[").replace("]", r"\]")):
         check_setting(setting, classes)
+
+
+def test_grid_options_are_checked_and_always_hold_cross_entropy() -> None:
     with pytest.raises(InvalidInput, match="gamma must be in"):
         grid(10, gammas=(0.0, -1.0))
+    assert TuneOptions(gammas=(2.0, 1.0)).checked().gammas == (0.0, 1.0, 2.0)
+    assert TuneOptions(gammas=(-0.0, 2.0)).checked().gammas == (0.0, 2.0)
+    with pytest.raises(InvalidInput, match="gamma 1 is given more than once"):
+        TuneOptions(gammas=(1.0, 2.0, 1.0)).checked()
+    with pytest.raises(InvalidInput, match="gammas set the grid"):
+        TuneOptions(mode="search", gammas=(1.0,)).checked()
+    with pytest.raises(InvalidInput, match="unknown mode 'anneal'"):
+        TuneOptions(mode="anneal").checked()
 
 
 def test_settings_become_the_projects_loss() -> None:
@@ -83,7 +94,7 @@ def test_folds_hold_every_class_and_scarce_classes_are_refused() -> None:
         assert len(fold.train) + len(fold.held) == len(labels)
     with pytest.raises(InvalidInput, match="at least 5 labels for 5 folds: 'c' has 4"):
         make_folds(labels, folds=5, repeats=1, seed=1, class_names=["a", "b", "c"])
-    with pytest.raises(InvalidInput, match="--folds must be at least 2"):
+    with pytest.raises(InvalidInput, match="folds must be at least 2"):
         make_folds(labels, folds=1, repeats=1, seed=1, class_names=["a", "b", "c"])
 
 
@@ -91,9 +102,12 @@ def test_metrics_are_parsed_or_refused() -> None:
     assert parse_metric("minority_f1", CLASSES, 8) == Metric("f1", 8)
     assert parse_metric("macro_f1", CLASSES, 8) == Metric("macro_f1")
     assert parse_metric("recall:3", CLASSES, 8) == Metric("recall", 3)
+    assert parse_metric("f1:3", CLASSES, 8) == Metric("f1", 3)
+    with pytest.raises(InvalidInput, match="unknown metric 'f1:'"):
+        parse_metric("f1:", CLASSES, 8)
     with pytest.raises(InvalidInput, match="no class 'cat'"):
         parse_metric("recall:cat", CLASSES, 8)
-    with pytest.raises(InvalidInput, match="unknown --metric 'auc'"):
+    with pytest.raises(InvalidInput, match="unknown metric 'auc'"):
         parse_metric("auc", CLASSES, 8)
 
 
@@ -124,14 +138,14 @@ def test_a_grid_study_fills_one_heatmap_cell_per_grid_point(digits: Digits, tmp_
         mode="grid", metric=Metric("f1", 8), trials=0, grid=tuple(grid(10, (0.0, 2.0)))
     )
     engine = _engine(tmp_path)
-    study = open_study(engine, "grid", plan, seed=0)
+    study = open_study(engine, "grid", plan, seed=0, create=True)
     assert remaining(study, plan) == 6
     for setting in plan.grid:
         assert run_grid_cell(study, setting, data, folds, FAST, plan.metric) is not None
     ran = [Setting(t.params["gamma"], t.params["alpha"]) for t in study.trials]
     assert sorted(ran, key=str) == sorted(plan.grid, key=str)
     assert (tmp_path / "state.db.optuna.sqlite").is_file()  # beside the state database
-    # Reopened (a redelivered task, a second `tune` on the same version): nothing runs twice.
+    # Reopened by a redelivered task: a cell already written never runs twice.
     again = open_study(engine, "grid", plan, seed=0)
     assert run_grid_cell(again, plan.grid[0], data, folds, FAST, plan.metric) is None
     assert remaining(again, plan) == 0 and len(again.trials) == 6
@@ -161,13 +175,13 @@ def test_a_grid_study_fills_one_heatmap_cell_per_grid_point(digits: Digits, tmp_
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_search_study_tries_cross_entropy_first_and_can_prune(
+def test_a_search_study_tries_cross_entropy_first_and_accounts_for_every_trial(
     digits: Digits, tmp_path: Path
 ) -> None:
     data = _digits_data(digits)
     folds = make_folds(data.labels, folds=2, repeats=2, seed=0, class_names=CLASSES)
     plan = StudyPlan(mode="search", metric=Metric("macro_f1"), trials=5)
-    study = open_study(_engine(tmp_path), "search", plan, seed=3)
+    study = open_study(_engine(tmp_path), "search", plan, seed=3, create=True)
     for _ in range(remaining(study, plan)):
         run_search_trial(study, data, folds, FAST, plan.metric)
     first = study.trials[0]
@@ -196,3 +210,19 @@ def test_a_second_study_of_a_project_is_refused_while_one_runs(tmp_path: Path) -
             pass
     with exclusive(engine, "digits"):  # released when the first ended
         pass
+
+
+def test_a_grid_cell_that_raises_is_recorded_failed_and_counts_as_ended(
+    digits: Digits, tmp_path: Path
+) -> None:
+    data = _digits_data(digits)
+    plan = StudyPlan(mode="grid", metric=Metric("f1", 8), trials=0, grid=tuple(grid(10, (0.0,))))
+    study = open_study(_engine(tmp_path), "broken", plan, seed=0, create=True)
+    broken = [Fold(repeat=0, number=0, train=np.array([10_000]), held=np.array([0]))]
+    with pytest.raises(IndexError):
+        run_grid_cell(study, plan.grid[0], data, broken, FAST, plan.metric)
+    (failed,) = study.get_trials(states=(TrialState.FAIL,))
+    assert failed.params == {"gamma": 0.0, "alpha": "none"}
+    assert "IndexError" in failed.user_attrs["error"]
+    assert remaining(study, plan) == 2  # the study can still close: the cell has ended
+    assert run_grid_cell(study, plan.grid[0], data, broken, FAST, plan.metric) is None
