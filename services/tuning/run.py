@@ -232,7 +232,9 @@ def apply_best(
     with session_scope(engine) as session:
         project = get_project(session, project_name, for_update=True)
         setting = check_setting(Setting(best["gamma"], best["alpha"]), len(project.labels))
-        rare_class = list(project.labels).index(summary["minority_class"])
+        # The class the trials' binary scalar alpha weighed, which need not be the class the
+        # metric named.
+        rare_class = list(project.labels).index(summary["alpha_class"])
         loss = to_loss(setting, LossSpec.from_dict(project.loss_config), rare_class=rare_class)
         update_project(session, project_name, loss=loss.to_dict())
         audit(session, {"loss": loss.to_dict(), "study": summary["study"]})

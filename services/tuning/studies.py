@@ -157,6 +157,8 @@ def begin(
                 if plan.metric.class_index is not None
                 else prepared.data.rare_class,
                 "class_names": prepared.data.class_names,
+                # The class a binary scalar alpha weighs in every trial (the rarer one).
+                "fewest_labels_class": prepared.data.rare_class,
             },
         )
     requests = _requests(study, options)
@@ -304,5 +306,6 @@ def results(study: optuna.Study) -> dict[str, Any]:
             "repeats": options["repeats"],
             "study": study.study_name,
             "failed": current.failed,
+            "alpha_class": plan["class_names"][plan["fewest_labels_class"]],
         },
     )
