@@ -176,6 +176,16 @@ class Project(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 
+# Conditions of partial unique indexes: a project's one active cycle, an item's label tasks.
+ACTIVE = "state NOT IN ('done', 'failed', 'cancelled')"
+LABEL, OPEN_REVIEW = "kind = 'label'", "kind = 'review' AND state != 'answered'"
+
+
+def _where(condition: str) -> dict[str, Any]:
+    """A partial index's condition, on both backends."""
+    return {"sqlite_where": sa.text(condition), "postgresql_where": sa.text(condition)}
+
+
 class Item(SQLModel, table=True):
     """One pool item. `label` mirrors the newest live annotation (kept in step by
     `services.state`); `shard_key`/`shard_row` locate its decoded data in the columnar pool."""
@@ -184,6 +194,9 @@ class Item(SQLModel, table=True):
         sa.UniqueConstraint("project_id", "external_id", name="uq_item_external_id"),
         sa.UniqueConstraint("project_id", "content_hash", name="uq_item_content_hash"),
         sa.Index("ix_item_project_status", "project_id", "status"),
+        # The console's lists (refused answers, the evaluation set): a few items of a large pool.
+        sa.Index("ix_item_label_issue", "project_id", **_where("label_issue IS NOT NULL")),
+        sa.Index("ix_item_eval_set", "project_id", "status", **_where("eval_set")),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -315,13 +328,7 @@ class Cycle(SQLModel, table=True):
     one non-final cycle per project, enforced by the database rather than a check-then-insert."""
 
     __table_args__ = (
-        sa.Index(
-            "uq_cycle_one_active_per_project",
-            "project_id",
-            unique=True,
-            sqlite_where=sa.text("state NOT IN ('done', 'failed', 'cancelled')"),
-            postgresql_where=sa.text("state NOT IN ('done', 'failed', 'cancelled')"),
-        ),
+        sa.Index("uq_cycle_one_active_per_project", "project_id", unique=True, **_where(ACTIVE)),
         sa.UniqueConstraint("project_id", "number", name="uq_cycle_number"),
     )
 
@@ -345,6 +352,9 @@ class Cycle(SQLModel, table=True):
     )
     chunks_total: int | None = Field(default=None)
     chunks_done: int = Field(default=0)
+    progress: dict[str, Any] | None = Field(
+        default=None, sa_type=sa.JSON, description="services.cycle.progress.TrainingProgress"
+    )
     lease_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     deadline_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
@@ -419,21 +429,13 @@ class LabelTask(SQLModel, table=True):
     """
 
     __table_args__ = (
-        sa.Index(
-            "uq_label_task_per_item",
-            "project_id",
-            "item_id",
-            unique=True,
-            sqlite_where=sa.text("kind = 'label'"),
-            postgresql_where=sa.text("kind = 'label'"),
-        ),
+        sa.Index("uq_label_task_per_item", "project_id", "item_id", unique=True, **_where(LABEL)),
         sa.Index(
             "uq_review_task_open_per_item",
             "project_id",
             "item_id",
             unique=True,
-            sqlite_where=sa.text("kind = 'review' AND state != 'answered'"),
-            postgresql_where=sa.text("kind = 'review' AND state != 'answered'"),
+            **_where(OPEN_REVIEW),
         ),
         sa.UniqueConstraint("project_id", "external_task_id", name="uq_label_task_external"),
     )

@@ -12,7 +12,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from services.ml.nets import Classifier, ModelSpec
-from services.ml.train import DeviceChoice, LossSpec, TrainConfig, TrainResult, train
+from services.ml.train import (
+    DeviceChoice,
+    EpochCallback,
+    LossSpec,
+    TrainConfig,
+    TrainResult,
+    train,
+)
 from services.models import Project
 from services.selection.config import SelectionConfig
 
@@ -79,6 +86,7 @@ def fit(
     recipe: Recipe,
     seed: int,
     previous: PreviousModel | None = None,
+    on_epoch: EpochCallback | None = None,
 ) -> TrainResult:
     """Train on labeled items: items [m, *item_shape], labels [m] class indices.
 
@@ -109,6 +117,7 @@ def fit(
         loss=recipe.loss,
         config=replace(recipe.train, **overrides),
         init_state=init_state,
+        on_epoch=on_epoch,
     )
 
 

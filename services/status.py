@@ -154,6 +154,25 @@ def headline_report(metrics: dict[str, Any]) -> tuple[str | None, dict[str, Any]
     return None, None
 
 
+def supported_recalls(metrics: dict[str, Any], labels: list[str]) -> dict[str, float]:
+    """A model's recall per class name, from its headline report, for the classes that report
+    had items of: a class without evaluation support has no recall (not a recall of 0)."""
+    _, report = headline_report(metrics)
+    if report is None:
+        return {}
+    names = list(metrics.get("labels") or labels)
+    return {
+        names[row["label"]]: float(row["recall"]) for row in report["per_class"] if row["support"]
+    }
+
+
+def is_imbalanced(class_counts: dict[str, int] | None) -> bool:
+    """Whether a labeled set has a minority worth naming: its rarest class has under half the
+    labels of its most common one. Balanced projects get no "minority" figures."""
+    counts = [int(n) for n in (class_counts or {}).values()]
+    return len(counts) >= 2 and min(counts) * 2 < max(counts)
+
+
 def committed_versions(session: Session, project: Project) -> list[DatasetVersion]:
     return list(
         session.exec(

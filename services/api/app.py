@@ -27,7 +27,9 @@ from labeling.label_studio.events import store_webhook, webhook_project_id
 from labeling.label_studio.link import webhook_secret
 from labeling.label_studio.media import check_media_signature, media_origins
 from services import logs
+from services.api import console
 from services.api.bodies import BodyLimit, json_object, read_capped, validation_problems
+from services.api.docs import offline_app
 from services.api.metrics import metrics_registry
 from services.api.routes import (
     admin,
@@ -110,7 +112,9 @@ def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> FastAP
         if engine is None:
             app.state.engine.dispose()
 
-    app = FastAPI(
+    # /docs and /redoc from assets served here: FastAPI's own pages load them from a CDN, which
+    # leaves a blank page without internet.
+    app = offline_app(
         title="focalloop",
         version="0.1.0",
         description="Active-learning labeling loop: status, steering and Label Studio webhooks.",
@@ -143,6 +147,7 @@ def create_app(settings: Settings, *, engine: sa.Engine | None = None) -> FastAP
         tuning.router,
     ):
         app.include_router(router)
+    console.install(app)
     app.state.doorbell = IngestDoorbell(
         lambda ids: celery.send_task(INGEST_TASK, args=[ids], queue="io", retry=False)
     )

@@ -37,7 +37,7 @@ from services.models import (
     ScoreChunk,
 )
 from services.promotion import rejections_in_a_row
-from services.status import HUMAN_SOURCES, cycle_view, headline_report
+from services.status import HUMAN_SOURCES, cycle_view, headline_report, supported_recalls
 
 # Cycle durations span seconds (a cold start) to hours (a large pool on one GPU).
 DURATION_BUCKETS_S = (
@@ -318,9 +318,10 @@ class StateCollector(Collector):
         _, report = headline_report(model.metrics)
         if report is None:
             return
-        names = list(model.metrics.get("labels") or project.labels)
-        for row in report["per_class"]:
-            recall.add_metric([project.name, names[row["label"]]], row["recall"])
+        # A class the report had no items of has no recall; exporting 0.0 would fire the
+        # recall alert for a class that was never measured.
+        for label, value in supported_recalls(model.metrics, list(project.labels)).items():
+            recall.add_metric([project.name, label], value)
         hard.add_metric([project.name], report["hard_example_rate"])
         macro_f1.add_metric([project.name], report["macro_f1"])
 

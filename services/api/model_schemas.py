@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 
 from services.api.schemas import Strict
 from services.models import ModelVersion
-from services.status import headline_report
+from services.status import headline_report, is_imbalanced
 
 
 class ClassScores(BaseModel):
@@ -26,9 +26,12 @@ class ModelSummary(BaseModel):
     evaluated_on: str
     n_items: int
     macro_f1: float
-    minority_class: str
-    minority_f1: float
-    minority_recall: float
+    minority_class: str | None = Field(
+        description="The rarest class of the labels it trained on; null when the project is "
+        "balanced (its rarest class has at least half the labels of its most common one)."
+    )
+    minority_f1: float | None
+    minority_recall: float | None
     per_class: list[ClassScores]
     confusion: list[list[int]] = Field(description="[C, C]: rows true class, columns predicted.")
     hard_example_rate: float
@@ -62,13 +65,14 @@ class ModelPublic(BaseModel):
         which, report = headline_report(metrics)
         summary = None
         if which is not None and report is not None:
+            skewed = is_imbalanced(metrics.get("class_counts"))
             summary = ModelSummary(
                 evaluated_on=which,
                 n_items=report["n_items"],
                 macro_f1=report["macro_f1"],
-                minority_class=names[report["minority_class"]],
-                minority_f1=report["minority_f1"],
-                minority_recall=report["minority_recall"],
+                minority_class=names[report["minority_class"]] if skewed else None,
+                minority_f1=report["minority_f1"] if skewed else None,
+                minority_recall=report["minority_recall"] if skewed else None,
                 per_class=[
                     ClassScores(
                         label=names[row["label"]],

@@ -91,7 +91,7 @@ def model_list(
     """The project's models, newest first: promotion decision and headline figures."""
     from services.db import session_scope
     from services.projects import get_project
-    from services.status import headline_report, list_models
+    from services.status import headline_report, is_imbalanced, list_models
 
     with session_scope(engine_for()) as session:
         rows = []
@@ -105,7 +105,10 @@ def model_list(
                     "reason": model.promotion_reason,
                     "evaluated_on": which,
                     "macro_f1": report["macro_f1"] if report else None,
-                    "minority_recall": report["minority_recall"] if report else None,
+                    # A balanced project has no minority to speak of.
+                    "minority_recall": report["minority_recall"]
+                    if report and is_imbalanced(model.metrics.get("class_counts"))
+                    else None,
                 }
             )
     if json_out:

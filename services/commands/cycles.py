@@ -142,6 +142,14 @@ def cycle_status(
     name: str,
     last: Annotated[int, typer.Option(min=1, help="How many recent cycles.")] = 5,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            help="Then follow the project live, one line (stage, progress, newest model's "
+            "macro-F1, open tasks), until Ctrl-C.",
+        ),
+    ] = False,
 ) -> None:
     """The project's recent cycles: state, versions, chunk progress, failure reason."""
     from sqlmodel import col, select
@@ -180,6 +188,25 @@ def cycle_status(
     console.print(table)
     if alert is not None:
         console.print(f"[bold yellow]gate alert[/] {alert}")
+    if watch:
+        _watch(name)
+
+
+def _watch(name: str) -> None:
+    """Follow one project's status line until Ctrl-C."""
+    import threading
+
+    from services.commands.live_status import LiveStatus, status_lines
+
+    engine = engine_for()
+    status = LiveStatus(console, lambda: status_lines(engine, name))
+    status.start()
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        status.stop()
 
 
 def _reason(summary: dict[str, Any]) -> str:

@@ -328,18 +328,24 @@ def up(
             _wait_until_healthy(f"{api_url}/api/v1/health", processes, timeout_s=60)
             _summary(settings, api_url, token_file, created_token, broker_note, label_studio_url)
             from services.commands.gate_watch import GateWatch
+            from services.commands.live_status import LiveStatus, status_lines
 
             watch = GateWatch(engine, console)
             watch.start()
+            status = LiveStatus(console, lambda: status_lines(engine))
+            status.start()
             try:
                 while all(process.poll() is None for process in processes):
                     time.sleep(0.5)
+                status.stop()
                 failed = [p for p in processes if p.poll() is not None]
                 console.print(f"[bold red]{_name(failed[0])} exited; see {logs}[/]")
                 raise typer.Exit(1)
             except KeyboardInterrupt:
+                status.stop()
                 console.print("stopping...")
             finally:
+                status.stop()
                 watch.stop()
         else:
             in_process = settings.model_copy(update={"broker_url": "memory://"})
@@ -366,6 +372,7 @@ def _serve_in_process(settings: Settings, engine: sa.Engine, port: int) -> None:
     from services import logs
     from services.api.app import create_app
     from services.commands.gate_watch import GateWatch
+    from services.commands.live_status import LiveStatus, status_lines
     from services.cycle.runner import InProcessLoop
 
     # The terminal keeps the summary; the API's and the loop's lines go to the logs folder.
@@ -378,6 +385,8 @@ def _serve_in_process(settings: Settings, engine: sa.Engine, port: int) -> None:
     loop.start()
     watch = GateWatch(engine, console)
     watch.start()
+    status = LiveStatus(console, lambda: status_lines(engine))
+    status.start()
     try:
         uvicorn.run(
             create_app(settings, engine=engine),
@@ -387,6 +396,7 @@ def _serve_in_process(settings: Settings, engine: sa.Engine, port: int) -> None:
             access_log=False,
         )
     finally:
+        status.stop()
         watch.stop()
         loop.stop()
         loop.join(timeout=60)

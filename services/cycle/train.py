@@ -36,6 +36,7 @@ from services.cycle.leases import (
     lease_renewal,
     renew_training_lease,
 )
+from services.cycle.progress import TrainingProgress
 from services.cycle.review import ReviewCandidate, plan_reviews, review_candidates
 from services.cycle.seeds import Purpose, derive_seed
 from services.db import session_scope
@@ -100,6 +101,7 @@ def train_stage(engine: sa.Engine, settings: Settings, step: Step) -> list[Step]
                 recipe=inputs.recipe,
                 seed=seed,
                 previous=inputs.previous,
+                on_epoch=TrainingProgress(engine, cycle_id),
             )
             judged = judge(
                 labels=list(inputs.project.labels),

@@ -4,7 +4,7 @@ Built on scikit-learn (per-class scores, confusion matrix, Brier) and torchmetri
 the focal-loss percentiles and hard-example rates, which neither provides, are computed here.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,8 @@ class EvaluationReport:
     hard_example_rate: share of items whose true-class probability p_t < hard_threshold.
     focal_loss_percentiles: per-item focal loss (with `focal_gamma`) at p50/p90/p99, in nats.
     confusion: [C, C], rows = true class, columns = predicted class.
+    reliability: the top-label reliability diagram behind `ece`: one entry per non-empty
+    confidence bin, {low, high, confidence (mean), accuracy, count}.
     """
 
     n_items: int
@@ -57,6 +59,7 @@ class EvaluationReport:
     focal_loss_percentiles: dict[str, float]
     per_class: list[ClassMetrics]
     confusion: list[list[int]]
+    reliability: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,6 +93,33 @@ def expected_calibration_error(
             norm="l1",
         )
     )
+
+
+def reliability_bins(
+    probs: NDArray[np.floating[Any]], targets: NDArray[np.integer[Any]], *, n_bins: int = ECE_BINS
+) -> list[dict[str, float]]:
+    """The reliability diagram of `probs` [n, C] against `targets` [n]: top-label confidence in
+    `n_bins` equal-width bins (the binning of `expected_calibration_error`), empty bins left out."""
+    _check_probs(probs, targets)
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == targets
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # Bins are (low, high], as torchmetrics bins them; the first also takes exactly 0.
+    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    bins = []
+    for b in range(n_bins):
+        members = index == b
+        if members.any():
+            bins.append(
+                {
+                    "low": float(edges[b]),
+                    "high": float(edges[b + 1]),
+                    "confidence": float(confidence[members].mean()),
+                    "accuracy": float(correct[members].mean()),
+                    "count": int(members.sum()),
+                }
+            )
+    return bins
 
 
 def pool_hard_example_rate(probs: NDArray[np.floating[Any]], *, threshold: float = 0.5) -> float:
@@ -162,4 +192,5 @@ def evaluate(
         focal_loss_percentiles={"p50": float(p50), "p90": float(p90), "p99": float(p99)},
         per_class=per_class,
         confusion=confusion_matrix(targets, predictions, labels=labels).tolist(),
+        reliability=reliability_bins(probs, targets),
     )

@@ -7,7 +7,7 @@ whatever model the caller had as it was.
 import contextlib
 import copy
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -136,6 +136,23 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
 
 
+@dataclass(frozen=True)
+class EpochDone:
+    """One finished epoch, as training reports it while it runs.
+
+    epoch: 1-based; max_epochs: the most it may run (early stopping may end it sooner).
+    train_loss/val_loss: mean loss over the epoch, nats (val_loss None without a validation split).
+    """
+
+    epoch: int
+    max_epochs: int
+    train_loss: float
+    val_loss: float | None
+
+
+EpochCallback = Callable[[EpochDone], None]
+
+
 @dataclass
 class TrainResult:
     """A trained model (on the CPU, eval mode) and how it got there.
@@ -237,12 +254,14 @@ def train(
     loss: LossSpec,
     config: TrainConfig,
     init_state: dict[str, Tensor] | None = None,
+    on_epoch: EpochCallback | None = None,
 ) -> TrainResult:
     """Train a model of `spec` on labeled items.
 
     items: [n, *item_shape] float (features [n, d], images [n, H, W] or [n, C, H, W]).
     labels: [n] integer classes in [0, spec.n_classes).
     init_state: optional state_dict to start from (warm start); it is copied, never modified.
+    on_epoch: called after every epoch (progress reporting; it must be cheap or throttle itself).
     Raises NonFiniteLossError when a training or validation loss becomes NaN/inf.
     """
     labels = np.asarray(labels)
@@ -319,6 +338,8 @@ def train(
 
             if len(val_idx) == 0:
                 best_epoch = epoch
+                if on_epoch is not None:
+                    on_epoch(EpochDone(epoch + 1, config.max_epochs, train_curve[-1], None))
                 continue
             val_logits = _logits(model, x_val, autocast, device)
             val_loss = float(loss_fn(val_logits, y_val))
@@ -327,6 +348,8 @@ def train(
             val_error = float((val_logits.argmax(dim=1) != y_val).float().mean())
             val_curve.append(val_loss)
             error_curve.append(val_error)
+            if on_epoch is not None:
+                on_epoch(EpochDone(epoch + 1, config.max_epochs, train_curve[-1], val_loss))
             key = (val_error, val_loss) if config.early_stopping == "error" else (val_loss, 0.0)
             if key < best_key:
                 best_epoch, best_key = epoch, key

@@ -77,6 +77,19 @@ def storage_url(state_url: str) -> tuple[str, dict[str, object]]:
     return url.render_as_string(hide_password=False), options
 
 
+def storage_exists(engine: sa.Engine) -> bool:
+    """Whether any study was ever stored for this state database (without creating storage)."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection:
+            found = connection.execute(
+                sa.text("SELECT 1 FROM information_schema.schemata WHERE schema_name = :name"),
+                {"name": OPTUNA_SCHEMA},
+            ).first()
+        return found is not None
+    url, _ = storage_url(engine.url.render_as_string(hide_password=False))
+    return Path(sa.make_url(url).database or "").is_file()
+
+
 def storage(engine: sa.Engine) -> RDBStorage:
     """The study storage for the state database `engine` connects to (created on first use)."""
     url, options = storage_url(engine.url.render_as_string(hide_password=False))

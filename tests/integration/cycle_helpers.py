@@ -15,6 +15,7 @@ from services.config import Settings
 from services.cycle.flow import Stage, Step
 from services.cycle.runner import run_cycle
 from services.cycle.stages import run_step
+from services.cycle.trigger import maybe_start_cycle
 from services.datasets.pool import add_to_pool
 from services.models import Cycle, CycleSelection, Project
 from services.projects import ProjectSpec, create_project
@@ -115,3 +116,26 @@ def selected_items(engine: sa.Engine, project_name: str) -> list[int]:
                 .where(Cycle.project_id == project.id)
             ).all()
         )
+
+
+def project_with_models(
+    engine: sa.Engine, settings: Settings, digits: Digits, folder: Path, *, cycles: int = 4
+) -> DigitsProject:
+    """A digits project after `cycles` real cycles, in this process: the first is a cold start
+    without a model, each later one trains one (cycles - 1 models), with an evaluation set so
+    models are judged on items they never trained on. Batches of 60 give even the first model
+    a validation split to report on."""
+    project = make_digits_project(
+        engine,
+        settings,
+        digits,
+        folder,
+        batch_size=60,
+        retrain_min_new_labels=60,
+        gate={"eval_fraction": 0.1, "eval_batch_share": 0.5, "eval_rounds": 2},
+    )
+    for _ in range(cycles):
+        cycle = maybe_start_cycle(engine, project.name, settings)
+        assert cycle is not None and cycle.id is not None
+        run_cycle(engine, cycle.id, settings)
+    return project

@@ -35,7 +35,16 @@ PUBLIC = {
     ("GET", "/docs"),
     ("GET", "/docs/oauth2-redirect"),
     ("GET", "/redoc"),
+    ("GET", "/redoc-assets/redoc.standalone.js"),
+    # The console's way in: a redirect to it, and its sign-in form.
+    ("GET", "/"),
+    ("GET", "/console/sign-in"),
+    ("POST", "/console/sign-in"),
+    ("POST", "/console/sign-out"),
 }
+# The console's pages and actions take the token from the console's cookie, not a header
+# (tests/integration/test_console.py covers scopes and origins); without it they refuse.
+CONSOLE = "/console/"
 # Exceptions to "GET needs read, anything else needs write".
 SCOPE = {
     ("POST", "/api/v1/projects/{project}/predict"): "read",  # computes, changes nothing
@@ -98,6 +107,8 @@ def routes() -> list[tuple[str, str]]:
     app = create_app(Settings(database_url="sqlite://"))
     found = []
     for route in _flatten(list(app.routes)):
+        if not hasattr(route, "methods"):
+            continue  # a static files mount: the docs' and the console's assets
         path = route.path
         for method in sorted(set(route.methods or ()) - {"HEAD", "OPTIONS"}):
             found.append((method, path))
@@ -106,7 +117,8 @@ def routes() -> list[tuple[str, str]]:
 
 
 ROUTES = routes()
-PROTECTED = [route for route in ROUTES if route not in PUBLIC]
+COOKIE_ROUTES = [r for r in ROUTES if r not in PUBLIC and r[1].startswith(CONSOLE)]
+PROTECTED = [r for r in ROUTES if r not in PUBLIC and r not in COOKIE_ROUTES]
 
 
 def needed(method: str, path: str) -> str:
@@ -149,6 +161,21 @@ def test_every_protected_route_refuses_missing_wrong_and_weak_tokens(
         assert call(api, method, path, elsewhere) == 403
     # The right scope gets past authorization (whatever the placeholder ids then answer).
     assert call(api, method, path, api.headers(scope)) not in (401, 403)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), COOKIE_ROUTES, ids=[f"{m} {p}" for m, p in COOKIE_ROUTES]
+)
+def test_every_console_route_refuses_without_its_cookie(api: Api, method: str, path: str) -> None:
+    origin = {"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"}
+    for headers in ({}, api.headers("admin"), {"Cookie": "focalloop_console=flt_wrong"}):
+        answer = api.client.request(
+            method, url(path), headers=headers | origin, follow_redirects=False
+        )
+        if path.startswith(f"{CONSOLE}data/"):
+            assert answer.status_code == 401
+        else:
+            assert (answer.status_code, answer.headers["location"]) == (303, "/console/sign-in")
 
 
 def test_a_project_token_reaches_its_own_project_only(api: Api) -> None:

@@ -134,6 +134,13 @@ def test_up_runs_the_whole_loop_on_a_private_redis(tmp_path: Path, running: list
     assert model["promotion_reason"] == "promoted: first model (no evaluation items yet)"
     metrics = httpx.get(f"{up.url}/metrics").text
     assert re.search(r'^focalloop_model_version\{project="digits"\} [1-9]', metrics, re.M)
+    # The terminal follows the loop, one line per project (reprinted as it changes, since
+    # this terminal is a file).
+    up.wait_for(
+        "the live status line of the first model",
+        lambda: re.search(r"^digits · cycle #\d+ .* · m1 · \d+ open tasks$", up.text(), re.M),
+        60,
+    )
     text = up.text()
     assert "focalloop is up" in text and "a private redis-server" in text
     redis_port = int(re.search(r"redis-server on 127\.0\.0\.1:(\d+)", text).group(1))  # type: ignore[union-attr]
