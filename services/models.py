@@ -197,6 +197,7 @@ class Item(SQLModel, table=True):
         # The console's lists (refused answers, the evaluation set): a few items of a large pool.
         sa.Index("ix_item_label_issue", "project_id", **_where("label_issue IS NOT NULL")),
         sa.Index("ix_item_eval_set", "project_id", "status", **_where("eval_set")),
+        sa.Index("ix_item_multi_annotated", "project_id", **_where("n_annotators > 1")),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -317,6 +318,7 @@ class ModelVersion(SQLModel, table=True):
     artifact_uri: str = Field(max_length=2048)
     parameters: dict[str, Any] = Field(sa_type=sa.JSON)
     metrics: dict[str, Any] = Field(sa_type=sa.JSON)
+    summary: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)  # services.curve
     promotion: str = Field(default=Promotion.CANDIDATE, max_length=16)
     promotion_reason: str | None = Field(default=None, max_length=2000)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
@@ -352,9 +354,7 @@ class Cycle(SQLModel, table=True):
     )
     chunks_total: int | None = Field(default=None)
     chunks_done: int = Field(default=0)
-    progress: dict[str, Any] | None = Field(
-        default=None, sa_type=sa.JSON, description="services.cycle.progress.TrainingProgress"
-    )
+    progress: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)  # cycle/progress.py
     lease_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     deadline_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
@@ -438,6 +438,7 @@ class LabelTask(SQLModel, table=True):
             **_where(OPEN_REVIEW),
         ),
         sa.UniqueConstraint("project_id", "external_task_id", name="uq_label_task_external"),
+        sa.Index("ix_labeltask_project_state", "project_id", "state"),
     )
 
     id: int | None = Field(default=None, primary_key=True)

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
+import sqlalchemy as sa
 from sqlmodel import Session, col, func, select
 
 from services.alerts import Firing, firing
@@ -24,11 +25,10 @@ from services.models import (
     ItemStatus,
     LabelTask,
     LabelTaskState,
-    ModelVersion,
     Project,
     utcnow,
 )
-from services.promotion import current_model
+from services.promotion import current_model, newest_model
 from services.status import headline_report
 
 LIST_LIMIT = 50
@@ -125,7 +125,10 @@ def _stage_text(cycle: Cycle, epoch: int | None, epochs: int | None, loss: float
 
 def newest_cycle(session: Session, project: Project) -> Cycle | None:
     return session.exec(
-        select(Cycle).where(Cycle.project_id == project.id).order_by(col(Cycle.number).desc())
+        select(Cycle)
+        .where(Cycle.project_id == project.id)
+        .order_by(col(Cycle.number).desc())
+        .limit(1)  # first() alone would load (and decode) every cycle of the project
     ).first()
 
 
@@ -188,11 +191,7 @@ def glance(session: Session, project: Project) -> Glance:
     """The project at a glance (a handful of indexed queries)."""
     cycle = newest_cycle(session, project)
     current = current_model(session, project)
-    newest = session.exec(
-        select(ModelVersion)
-        .where(ModelVersion.project_id == project.id)
-        .order_by(col(ModelVersion.version).desc())
-    ).first()
+    newest = newest_model(session, project)
     _, report = headline_report(current.metrics) if current is not None else (None, None)
     return Glance(
         name=project.name,
@@ -305,7 +304,8 @@ def evaluation_items(session: Session, project: Project) -> dict[str, int]:
         str(status): int(n)
         for status, n in session.exec(
             select(Item.status, func.count())
-            .where(Item.project_id == project.id, col(Item.eval_set).is_(True))
+            # "= true", not "IS true": only the former matches the partial index on eval_set.
+            .where(Item.project_id == project.id, col(Item.eval_set) == sa.true())
             .group_by(Item.status)
         )
     }

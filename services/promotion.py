@@ -25,6 +25,7 @@ def newest_model(session: Session, project: Project) -> ModelVersion | None:
         select(ModelVersion)
         .where(ModelVersion.project_id == project.id)
         .order_by(col(ModelVersion.version).desc())
+        .limit(1)  # first() alone loads every model's metrics before taking one
     ).first()
 
 

@@ -278,19 +278,24 @@ def queue_status(session: Session, project: Project, *, hardest: int = 20) -> Qu
             .group_by(col(LabelTask.kind))
         ).all()
     )
+
+    # The item's id and status as correlated lookups, not a join: joined, PostgreSQL merged
+    # the open tasks with the whole item table in id order (0.4 s on a million items).
+    def of_item(column: Any) -> Any:
+        return sa.select(column).where(col(Item.id) == col(LabelTask.item_id)).scalar_subquery()
+
     open_rows = session.execute(
         sa.select(
-            col(Item.external_id),
+            of_item(col(Item.external_id)),
             col(LabelTask.external_task_id),
             col(LabelTask.kind),
             col(LabelTask.prediction_label),
             col(LabelTask.prediction_score),
         )
-        .join(Item, col(Item.id) == col(LabelTask.item_id))
         .where(
             col(LabelTask.project_id) == project.id,
             col(LabelTask.state) == LabelTaskState.OPEN,
-            col(Item.status).in_([ItemStatus.QUEUED, ItemStatus.IN_REVIEW]),
+            of_item(col(Item.status)).in_([ItemStatus.QUEUED, ItemStatus.IN_REVIEW]),
         )
         .order_by(col(LabelTask.prediction_score).asc().nulls_first(), col(LabelTask.id))
         .limit(hardest)
@@ -355,8 +360,9 @@ def annotator_stats(session: Session, project: Project) -> list[AnnotatorStats]:
 
 def agreement(session: Session, project: Project) -> Agreement:
     multi = session.execute(
+        # A literal 1, so PostgreSQL can match the partial index ix_item_multi_annotated.
         sa.select(col(Item.label), col(Item.disagreement)).where(
-            col(Item.project_id) == project.id, col(Item.n_annotators) > 1
+            col(Item.project_id) == project.id, col(Item.n_annotators) > sa.literal_column("1")
         )
     ).all()
     per_class: dict[str, list[int]] = {}

@@ -19,6 +19,7 @@ from labeling.registry import labeler_for
 from services import logs
 from services.artifacts import load_model, model_version_name, save_model
 from services.config import Settings
+from services.curve import curve_summary
 from services.cycle.budget import allowance_now
 from services.cycle.data import (
     is_cold_start,
@@ -300,6 +301,7 @@ def record_model(
             "autocast": result.autocast,
         },
         metrics=judged.metrics,
+        summary=curve_summary(judged.metrics),
         promotion=judged.decision.promotion,
         promotion_reason=judged.decision.reason[:2000],
         promoted_at=utcnow() if promoted else None,

@@ -187,7 +187,7 @@ def test_a_read_token_sees_the_learning_curve_and_the_live_cycle_but_no_actions(
     drawn = browser.find_elements(By.CSS_SELECTOR, "svg[data-chart='macro-f1'] circle.point")
     assert sorted(int(str(p.get_attribute("data-version"))) for p in drawn) == versions
     # Per-class recall and precision are drawn with their intervals.
-    assert browser.find_elements(By.CSS_SELECTOR, "svg[data-chart='recall'] line.whisker")
+    assert browser.find_elements(By.CSS_SELECTOR, "svg[data-chart='recall'] path.whiskers")
     assert browser.find_elements(By.CSS_SELECTOR, "svg[data-chart='precision'] circle.point")
     # Read scope: nothing to act with.
     assert browser.find_elements(By.ID, "actions") == []

@@ -99,7 +99,7 @@ def test_line_charts_draw_every_point_and_escape_every_name() -> None:
         )
     )
     assert len(re.findall(r"<circle ", svg)) == 3
-    assert svg.count('class="whisker"') == 1
+    assert svg.count('class="whiskers"') == 1 and "V" in svg.split('class="whiskers" d="')[1]
     assert svg.count("<polyline") == 1  # the single off-line point draws no line
     assert "<b>" not in svg and "&lt;b&gt;" in svg and "a &amp; b" in svg
     assert re.findall(r'data-version="(\d)"', svg) == ["1", "2"]

@@ -2,7 +2,14 @@
 
 from markupsafe import Markup
 
-from services.api.console.charts import Point, Series, color, line_chart, reliability_chart
+from services.api.console.charts import (
+    MARKER_LIMIT,
+    Point,
+    Series,
+    color,
+    line_chart,
+    reliability_chart,
+)
 from services.api.console.history import ModelPoint
 
 
@@ -33,6 +40,7 @@ def macro_f1_chart(models: list[ModelPoint]) -> Markup:
     ]
     return line_chart(
         [Series("macro-F1", points)],
+        markers=True,  # one marker per model version, however many
         name="macro-f1",
         title="Macro-F1 by labels used, one point per model version",
         x_label="labels in the training dataset version",
@@ -42,30 +50,22 @@ def macro_f1_chart(models: list[ModelPoint]) -> Markup:
 
 def per_class_chart(models: list[ModelPoint], labels: list[str], which: str) -> Markup:
     """Recall or precision per class over labels, whiskers = 95% Wilson intervals."""
-    series = []
-    for index, label in enumerate(labels):
-        points = []
-        for m in models:
-            row = next((c for c in m.classes if c.label == label), None)
-            value = getattr(row, which) if row is not None else None
-            interval = getattr(row, f"{which}_interval") if row is not None else None
-            if row is None or value is None:
+    # Tooltips only where markers are drawn (line_chart drops them past MARKER_LIMIT points).
+    titled = len(models) <= MARKER_LIMIT
+    by_class: dict[str, list[Point]] = {label: [] for label in labels}
+    for m in models:
+        for row in m.classes:
+            value = getattr(row, which)
+            if value is None or row.label not in by_class:
                 continue
-            low, high = interval if interval is not None else (None, None)
+            low, high = getattr(row, f"{which}_interval") or (None, None)
             n = row.support if which == "recall" else row.predicted
-            points.append(
-                Point(
-                    m.labels,
-                    value,
-                    low,
-                    high,
-                    kind=f"promotion-{m.promotion}",
-                    title=_title(m, f"{label} {which}", value) + f" over {n} items",
-                )
+            title = _title(m, f"{row.label} {which}", value) + f" over {n} items" if titled else ""
+            by_class[row.label].append(
+                Point(m.labels, value, low, high, kind=f"promotion-{m.promotion}", title=title)
             )
-        series.append(Series(label, points, color(index)))
     return line_chart(
-        series,
+        [Series(label, by_class[label], color(i)) for i, label in enumerate(labels)],
         name=which,
         title=f"Per-class {which} with 95% intervals",
         x_label="labels in the training dataset version",
@@ -134,11 +134,9 @@ def calibration_chart(models: list[ModelPoint]) -> Markup:
     )
 
 
-def newest_reliability(models: list[ModelPoint]) -> tuple[int, Markup] | None:
-    """The reliability diagram of the newest model that recorded one."""
-    for m in reversed(models):
-        if m.reliability:
-            return m.version, reliability_chart(
-                m.reliability, title=f"Reliability of m{m.version} ({m.evaluated_on})"
-            )
-    return None
+def reliability(found: tuple[int, list[dict[str, float]]] | None) -> Markup | None:
+    """The reliability diagram of `history.reliability_of`'s model (None without one)."""
+    if found is None:
+        return None
+    version, bins = found
+    return reliability_chart(bins, title=f"Reliability of m{version} on its held-out report")

@@ -11,10 +11,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from services.curve import curve_summary
 from services.models import DatasetVersion, ModelVersion, Project
-from services.status import headline_report, is_imbalanced
+from services.status import headline_report
 
 Z95 = 1.959963984540054
 
@@ -52,7 +54,7 @@ class ModelPoint:
     """One model version on the learning curve.
 
     labels: labeled items in the dataset version it trained on. Rates are fractions in [0, 1];
-    focal-loss percentiles in nats; reliability: [{low, high, confidence, accuracy, count}].
+    focal-loss percentiles in nats.
     """
 
     version: int
@@ -71,70 +73,68 @@ class ModelPoint:
     ece_before: float | None = None
     ece_after: float | None = None
     temperature: float | None = None
-    reliability: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly; shallow copies (dataclasses.asdict's deep copy took 100 ms on 200
+        models)."""
+        return self.__dict__ | {"classes": [dict(c.__dict__) for c in self.classes]}
 
 
-def _classes(report: dict[str, Any], names: list[str]) -> list[ClassPoint]:
-    confusion = report.get("confusion") or []
-    predicted = [sum(column) for column in zip(*confusion, strict=True)] if confusion else []
+def _classes(summary: dict[str, Any], names: list[str]) -> list[ClassPoint]:
     points = []
-    for row in report["per_class"]:
-        c = int(row["label"])
-        hits = int(confusion[c][c]) if confusion else round(row["recall"] * row["support"])
-        support = int(row["support"])
-        made = int(predicted[c]) if predicted else 0
+    for c, support, predicted, hits, recall, precision in summary["classes"]:
         points.append(
             ClassPoint(
                 label=names[c],
                 support=support,
-                predicted=made,
-                recall=float(row["recall"]) if support else None,
+                predicted=predicted,
+                recall=recall if support else None,
                 recall_interval=wilson(hits, support),
-                precision=float(row["precision"]) if made else None,
-                precision_interval=wilson(hits, made),
+                precision=precision if predicted else None,
+                precision_interval=wilson(hits, predicted),
             )
         )
     return points
 
 
-def model_point(model: ModelVersion, labels: int, class_names: list[str]) -> ModelPoint:
-    metrics = dict(model.metrics)
-    names = list(metrics.get("labels") or class_names)
-    which, report = headline_report(metrics)
-    base = ModelPoint(
+@dataclass(frozen=True)
+class _Stored:
+    """A model version's row, with its curve summary (services.curve)."""
+
+    version: int
+    dataset_version: int
+    promotion: str
+    reason: str | None
+    summary: dict[str, Any]
+
+
+def model_point(model: _Stored, labels: int, class_names: list[str]) -> ModelPoint:
+    summary = model.summary
+    names = list(summary.get("labels") or class_names)
+    minority = summary.get("minority_class")
+    return ModelPoint(
         version=model.version,
         dataset_version=model.dataset_version,
         labels=labels,
         promotion=model.promotion,
-        reason=model.promotion_reason,
-        evaluated_on=which,
-        n_items=None,
-        macro_f1=None,
-        minority=None,
-        ece_before=metrics.get("ece_before"),
-        ece_after=metrics.get("ece_after"),
-        temperature=metrics.get("temperature"),
-    )
-    if report is None:
-        return base
-    skewed = is_imbalanced(metrics.get("class_counts"))
-    return ModelPoint(
-        **{
-            **base.__dict__,
-            "n_items": int(report["n_items"]),
-            "macro_f1": float(report["macro_f1"]),
-            "minority": names[report["minority_class"]] if skewed else None,
-            "classes": _classes(report, names),
-            "hard_example_rate": float(report["hard_example_rate"]),
-            "focal_loss_percentiles": dict(report.get("focal_loss_percentiles") or {}),
-            "ece": float(report["ece"]),
-            "reliability": list(report.get("reliability") or []),
-        }
+        reason=model.reason,
+        evaluated_on=summary["evaluated_on"],
+        n_items=summary["n_items"],
+        macro_f1=summary["macro_f1"],
+        minority=names[minority] if minority is not None else None,
+        classes=_classes(summary, names),
+        hard_example_rate=summary["hard_example_rate"],
+        focal_loss_percentiles=dict(summary["focal_loss_percentiles"]),
+        ece=summary["ece"],
+        ece_before=summary["ece_before"],
+        ece_after=summary["ece_after"],
+        temperature=summary["temperature"],
     )
 
 
 def learning_curve(session: Session, project: Project) -> list[ModelPoint]:
-    """Every model version of the project, oldest first."""
+    """Every model version of the project, oldest first (without reliability diagrams: see
+    `reliability_of`)."""
     rows = {
         version: rows or 0
         for version, rows in session.exec(
@@ -143,12 +143,53 @@ def learning_curve(session: Session, project: Project) -> list[ModelPoint]:
             )
         )
     }
-    models = session.exec(
-        select(ModelVersion)
-        .where(ModelVersion.project_id == project.id)
-        .order_by(col(ModelVersion.version))
+    stored = list(
+        session.execute(
+            sa.select(
+                col(ModelVersion.version),
+                col(ModelVersion.dataset_version),
+                col(ModelVersion.promotion),
+                col(ModelVersion.promotion_reason),
+                col(ModelVersion.summary),
+            )
+            .where(col(ModelVersion.project_id) == project.id)
+            .order_by(col(ModelVersion.version))
+        )
+    )
+    # Models recorded before summaries existed: derived from their full metrics, once per read.
+    missing = [version for version, *_, summary in stored if summary is None]
+    derived = (
+        {
+            version: curve_summary(dict(metrics))
+            for version, metrics in session.execute(
+                sa.select(col(ModelVersion.version), col(ModelVersion.metrics)).where(
+                    col(ModelVersion.project_id) == project.id,
+                    col(ModelVersion.version).in_(missing),
+                )
+            )
+        }
+        if missing
+        else {}
     )
     return [
-        model_point(model, rows.get(model.dataset_version, 0), list(project.labels))
-        for model in models
+        model_point(
+            _Stored(version, dataset_version, promotion, reason, summary or derived[version]),
+            rows.get(dataset_version, 0),
+            list(project.labels),
+        )
+        for version, dataset_version, promotion, reason, summary in stored
     ]
+
+
+def reliability_of(session: Session, project: Project) -> tuple[int, list[dict[str, float]]] | None:
+    """The reliability diagram of the newest model whose held-out report recorded one."""
+    for model in session.exec(
+        select(ModelVersion)
+        .where(ModelVersion.project_id == project.id)
+        .order_by(col(ModelVersion.version).desc())
+        .limit(5)  # the newest few; older reports predate reliability diagrams
+    ):
+        _, report = headline_report(model.metrics)
+        if report is not None and report.get("reliability"):
+            return model.version, list(report["reliability"])
+    return None

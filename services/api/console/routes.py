@@ -3,7 +3,6 @@ for the live view, and the actions of write tokens. Pages are rendered on the se
 templates beside this module; the one script (static/console.js) only refreshes what changes.
 """
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -29,7 +28,7 @@ from services.api.console.auth import (
     principal_of,
     visible_project,
 )
-from services.api.console.history import learning_curve
+from services.api.console.history import learning_curve, reliability_of
 from services.api.console.tuning import heatmaps, studies_of
 from services.api.deps import EngineDep, SessionDep, SettingsDep
 from services.errors import Conflict, FocalloopError, InvalidInput, NotFound, TransientError
@@ -165,7 +164,7 @@ def project_page(
             "focal": figures.focal_percentile_chart(models),
             "calibration": figures.calibration_chart(models),
         },
-        "reliability": figures.newest_reliability(models),
+        "reliability": figures.reliability(reliability_of(session, row)),
         "queue": queue_status(session, row),
         "evaluation": evaluation_items(session, row),
         "issues": label_issues(session, row),
@@ -201,7 +200,7 @@ def curve_data(
     """The learning curve's points, one per model version (what the charts draw)."""
     visible_project(engine, viewer, project)
     row = get_project(session, project)
-    return data([asdict(point) for point in learning_curve(session, row)])
+    return data([point.to_dict() for point in learning_curve(session, row)])
 
 
 @router.get("/console/projects/{project}/tuning/{study}/heatmaps.png")
