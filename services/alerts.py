@@ -82,21 +82,33 @@ def _hard_example_spike(session: Session, project: Project, now: datetime) -> st
     rate = _hard_rate(model.metrics) if model is not None else None
     if model is None or rate is None or rate <= HARD_RATE_FLOOR:
         return None
-    # Only the two rates of each model, extracted in SQL: decoding every week's metrics whole
-    # took most of the projects page's time on a project with 200 models.
-    stored = col(ModelVersion.metrics)
-    found = [
-        _hard_rate({"evaluation": evaluation, "validation": validation})
-        for evaluation, validation in session.execute(
-            sa.select(
-                stored["evaluation"]["hard_example_rate"], stored["validation"]["hard_example_rate"]
-            ).where(
-                col(ModelVersion.project_id) == project.id,
-                col(ModelVersion.created_at) >= now - HARD_RATE_WINDOW,
+    # From the models' curve summaries (services/curve.py), small beside their full metrics;
+    # models recorded before summaries existed give their two rates from the metrics.
+    recent = (
+        col(ModelVersion.project_id) == project.id,
+        col(ModelVersion.created_at) >= now - HARD_RATE_WINDOW,
+    )
+    found: list[float | None] = []
+    unsummarized = []
+    for model_id, summary in session.execute(
+        sa.select(col(ModelVersion.id), col(ModelVersion.summary)).where(*recent)
+    ):
+        if summary is None:
+            unsummarized.append(model_id)
+        else:
+            found.append(summary.get("hard_example_rate"))
+    if unsummarized:
+        stored = col(ModelVersion.metrics)
+        found.extend(
+            _hard_rate({"evaluation": evaluation, "validation": validation})
+            for evaluation, validation in session.execute(
+                sa.select(
+                    stored["evaluation"]["hard_example_rate"],
+                    stored["validation"]["hard_example_rate"],
+                ).where(col(ModelVersion.id).in_(unsummarized))
             )
         )
-    ]
-    week = [value for value in found if value is not None]
+    week = [float(value) for value in found if value is not None]
     average = sum(week) / len(week) if week else rate
     if rate <= HARD_RATE_SPIKE * average:
         return None

@@ -7,7 +7,12 @@ it runs, so `focalloop --help` and `focalloop version` answer at once.
 import typer
 from rich.console import Console
 
-from services.commands import bench_peers, bench_people, bench_tune  # noqa: F401 (register)
+from services.commands import (  # noqa: F401 (register)
+    bench_console,
+    bench_peers,
+    bench_people,
+    bench_tune,
+)
 from services.commands.admin import model_app, token_app
 from services.commands.bench import bench_app
 from services.commands.cycles import beat, cycle_app, worker

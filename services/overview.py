@@ -256,10 +256,8 @@ class VersionRow:
     version: int
     parent: int | None
     rows: int
-    class_counts: dict[str, int]
     change: dict[str, int]
     committed_at: datetime | None
-    cycle_id: int | None
 
 
 def dataset_versions(session: Session, project: Project) -> list[VersionRow]:
@@ -285,15 +283,7 @@ def dataset_versions(session: Session, project: Project) -> list[VersionRow]:
             if mine.get(label, 0) != parent.get(label, 0)
         }
         rows.append(
-            VersionRow(
-                v.version,
-                v.parent_version,
-                v.row_count or 0,
-                mine,
-                change,
-                v.committed_at,
-                v.cycle_id,
-            )
+            VersionRow(v.version, v.parent_version, v.row_count or 0, change, v.committed_at)
         )
     return rows
 

@@ -16,6 +16,7 @@ from services.errors import NotFound
 from services.models import (
     Annotation,
     Cycle,
+    CycleState,
     DatasetVersion,
     DatasetVersionState,
     InboxEvent,
@@ -60,6 +61,7 @@ class CycleView:
             "chunks": f"{cycle.chunks_done}/{cycle.chunks_total}"
             if cycle.chunks_total is not None
             else None,
+            "progress": cycle.progress if cycle.state == CycleState.TRAINING else None,
             "items_scored": self.items_scored,
             "selected": cycle.selected_count,
             "cold_start_picks": cycle.cold_start_picks,

@@ -87,18 +87,27 @@ def get_basic_principal(
     return _principal(engine, credentials.password, _unauthorized_basic)
 
 
-def _principal(
-    engine: sa.Engine, secret: str, unauthorized: Callable[[str], HTTPException]
-) -> Principal:
+def authenticated(engine: sa.Engine, secret: str) -> Principal | None:
+    """The principal of `secret` (None: unknown, revoked or expired), its use noted on the
+    token (for the API's headers and the console's cookie alike)."""
     with session_scope(engine) as session:
         principal = authenticate(session, secret)
         if principal is None:
-            raise unauthorized("the API token is unknown, revoked or expired")
+            return None
         token = session.exec(select(ApiToken).where(ApiToken.id == principal.token_id)).one()
         now = utcnow()
         if token.last_used_at is None or now - token.last_used_at > LAST_USED_RESOLUTION:
             token.last_used_at = now
             session.add(token)
+    return principal
+
+
+def _principal(
+    engine: sa.Engine, secret: str, unauthorized: Callable[[str], HTTPException]
+) -> Principal:
+    principal = authenticated(engine, secret)
+    if principal is None:
+        raise unauthorized("the API token is unknown, revoked or expired")
     return principal
 
 

@@ -17,6 +17,7 @@ from services.models import (
     MAX_INT32,
     Annotation,
     Cycle,
+    CycleState,
     DatasetVersion,
     Item,
     Project,
@@ -299,6 +300,10 @@ class CyclePublic(BaseModel):
     cancel_requested: bool
     chunks_total: int | None
     chunks_done: int
+    progress: dict[str, Any] | None = Field(
+        description="Training's newest epoch while the cycle trains: {epoch, epochs (at most; "
+        "early stopping may end sooner), train_loss, val_loss (nats), started_at, at}."
+    )
     items_scored: int
     scoring_items_per_s: float | None
     selected_count: int | None
@@ -327,6 +332,7 @@ class CyclePublic(BaseModel):
             cancel_requested=cycle.cancel_requested,
             chunks_total=cycle.chunks_total,
             chunks_done=cycle.chunks_done,
+            progress=cycle.progress if cycle.state == CycleState.TRAINING else None,
             items_scored=view.items_scored,
             scoring_items_per_s=view.scoring_items_per_s,
             selected_count=cycle.selected_count,

@@ -80,15 +80,15 @@ def _database(kind: str, folder: Path) -> Iterator[str]:
 
 def _status(i: int) -> tuple[str, str | None, str | None, bool]:
     """(status, status_reason, label_issue, eval_set) of item i: labeled first, then queued,
-    unreadable, the rest unlabeled; a few refused answers among the unlabeled."""
+    unreadable, the rest unlabeled, the first REFUSED of them with a refused answer."""
     if i < LABELED:
         return "labeled", None, None, i < EVALUATION
     if i < LABELED + QUEUED:
         return "queued", None, None, False
     if i < LABELED + QUEUED + UNREADABLE:
         return "unreadable", f"cannot identify image file item-{i:07d}.png", None, False
-    refused = "label 'cat' is not in the label set" if i % 20_000 == 0 else None
-    return "unlabeled", None, refused, False
+    refused = i < LABELED + QUEUED + UNREADABLE + REFUSED
+    return "unlabeled", None, "label 'cat' is not in the label set" if refused else None, False
 
 
 def _items(engine: sa.Engine, project_id: int, n: int) -> None:

@@ -146,7 +146,7 @@ def cycle_status(
         bool,
         typer.Option(
             "--watch",
-            help="Then follow the project live, one line (stage, progress, newest model's "
+            help="Then follow the project live, one line (stage, progress, current model's "
             "macro-F1, open tasks), until Ctrl-C.",
         ),
     ] = False,

@@ -1,5 +1,5 @@
 """A live one-line status per project in the terminal (`up`, `cycle status --watch`): stage and
-progress, the newest model's macro-F1, open tasks, read from the state database every second.
+progress, the current model's macro-F1, open tasks, read from the state database every second.
 
 On a terminal the lines are redrawn in place (rich's Live); when the output is a file or a
 pipe, a project's line is printed again only when it changed, so logs stay readable.

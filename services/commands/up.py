@@ -337,12 +337,11 @@ def up(
             try:
                 while all(process.poll() is None for process in processes):
                     time.sleep(0.5)
-                status.stop()
+                status.stop()  # before the message, so the live line is not drawn over it
                 failed = [p for p in processes if p.poll() is not None]
                 console.print(f"[bold red]{_name(failed[0])} exited; see {logs}[/]")
                 raise typer.Exit(1)
             except KeyboardInterrupt:
-                status.stop()
                 console.print("stopping...")
             finally:
                 status.stop()

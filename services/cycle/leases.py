@@ -105,6 +105,7 @@ def claim_training(session: Session, cycle_id: int, settings: Settings) -> int |
         .values(
             train_attempts=Cycle.train_attempts + 1,
             lease_expires_at=now + timedelta(seconds=settings.lease_s),
+            progress=None,  # the previous attempt's epochs are not this one's
             updated_at=now,
         )
         .execution_options(synchronize_session=False)

@@ -20,19 +20,22 @@ log = logging.getLogger(__name__)
 
 
 class TrainingProgress:
-    """An `on_epoch` callback for `train`: records the newest epoch on cycle `cycle_id` while it
-    is training, at most every `interval_s` seconds (and always for the last possible epoch)."""
+    """An `on_epoch` callback for `train`: records the newest epoch on cycle `cycle_id` while
+    training attempt `attempt` holds it, at most every `interval_s` seconds (and always for the
+    last possible epoch). An attempt that lost its lease writes nothing over its successor's."""
 
     def __init__(
         self,
         engine: sa.Engine,
         cycle_id: int,
+        attempt: int,
         *,
         interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._engine = engine
         self._cycle_id = cycle_id
+        self._attempt = attempt
         self._interval_s = interval_s
         self._clock = clock
         self._last_write = -math.inf
@@ -58,6 +61,7 @@ class TrainingProgress:
                     .where(
                         col(Cycle.id) == self._cycle_id,
                         col(Cycle.state) == CycleState.TRAINING,
+                        col(Cycle.train_attempts) == self._attempt,
                     )
                     .values(progress=progress)
                 )

@@ -102,7 +102,7 @@ def train_stage(engine: sa.Engine, settings: Settings, step: Step) -> list[Step]
                 recipe=inputs.recipe,
                 seed=seed,
                 previous=inputs.previous,
-                on_epoch=TrainingProgress(engine, cycle_id),
+                on_epoch=TrainingProgress(engine, cycle_id, attempt),
             )
             judged = judge(
                 labels=list(inputs.project.labels),

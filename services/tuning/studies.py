@@ -39,6 +39,7 @@ from services.tuning.study import (
     open_study,
     remaining,
     storage,
+    storage_exists,
 )
 
 log = logging.getLogger(__name__)
@@ -236,8 +237,12 @@ def _close_if_done(study: optuna.Study) -> bool:
 
 
 def load(engine: sa.Engine, project: str, name: str) -> optuna.Study:
-    """The project's study `name`; NotFound otherwise."""
-    if not any(s.study_name == name for s in _summaries(engine, project)):
+    """The project's study `name`; NotFound otherwise (also where no study was ever stored:
+    reading must not create the storage)."""
+    stored = storage_exists(engine) and any(
+        s.study_name == name for s in _summaries(engine, project)
+    )
+    if not stored:
         raise NotFound(f"project {project!r} has no tuning study {name!r}")
     return optuna.load_study(study_name=name, storage=storage(engine))
 
@@ -263,7 +268,10 @@ def status(study: optuna.Study) -> StudyStatus:
 
 
 def list_studies(engine: sa.Engine, project: str) -> list[StudyStatus]:
-    """Every study of the project, oldest first."""
+    """Every study of the project, oldest first (none, and no storage made, where no study
+    was ever stored)."""
+    if not storage_exists(engine):
+        return []
     statuses = [
         status(optuna.load_study(study_name=s.study_name, storage=storage(engine)))
         for s in _summaries(engine, project)

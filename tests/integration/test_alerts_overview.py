@@ -268,7 +268,14 @@ def test_training_progress_reaches_the_cycle_row_at_most_once_per_interval(
     with db.session_scope(engine) as session:
         cycle_id = session.exec(select(Cycle.id).where(Cycle.project_id == project.id)).one() or 0
     clock = iter([0.0, 0.4, 0.8, 1.2, 1.3])
-    progress = TrainingProgress(engine, cycle_id, interval_s=1.0, clock=lambda: next(clock))
+    # Attempt 1 holds the cycle; attempt 0 lost its lease and must not write over it.
+    with db.session_scope(engine) as session:
+        row = session.get(Cycle, cycle_id)
+        assert row is not None
+        row.train_attempts = 1
+        session.add(row)
+    TrainingProgress(engine, cycle_id, 0)(EpochDone(9, 9, 0.1, None))
+    progress = TrainingProgress(engine, cycle_id, 1, interval_s=1.0, clock=lambda: next(clock))
 
     def epoch_row() -> int | None:
         with db.session_scope(engine) as session:
@@ -276,6 +283,7 @@ def test_training_progress_reaches_the_cycle_row_at_most_once_per_interval(
             assert row is not None
             return None if row.progress is None else int(row.progress["epoch"])
 
+    assert epoch_row() is None
     progress(EpochDone(1, 5, 0.9, 0.8))
     assert epoch_row() == 1
     progress(EpochDone(2, 5, 0.8, 0.7))  # 0.4 s later: skipped
@@ -296,5 +304,5 @@ def test_training_progress_reaches_the_cycle_row_at_most_once_per_interval(
         row.state = CycleState.SCORING
         row.progress = None
         session.add(row)
-    TrainingProgress(engine, cycle_id)(EpochDone(1, 5, 0.1, None))
+    TrainingProgress(engine, cycle_id, 1)(EpochDone(1, 5, 0.1, None))
     assert epoch_row() is None

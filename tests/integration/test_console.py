@@ -4,8 +4,13 @@ rule on every state-changing request, the actions and their audit entries, the d
 are drawn from, and offline API docs."""
 
 import re
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import redis
@@ -18,9 +23,10 @@ from services.api.app import create_app
 from services.api.console.auth import COOKIE
 from services.api.docs import REDOC_JS, REMOTE_LOGO
 from services.auth import create_token
-from services.config import Settings
-from services.models import AuditEntry, Cycle, ModelVersion, Project, Promotion
+from services.config import Settings, child_environment
+from services.models import AuditEntry, Cycle, CycleState, ModelVersion, Project, Promotion, utcnow
 from services.projects import ProjectSpec, create_project
+from services.tuning.study import storage_exists
 from tests.conftest import Digits
 from tests.integration.conftest import PrivateRedis, free_port
 from tests.integration.cycle_helpers import project_with_models
@@ -133,6 +139,7 @@ def test_signing_in_keeps_the_token_in_the_consoles_own_cookie_only(
         {"Origin": ORIGIN, "Sec-Fetch-Site": "same-site"},
         {"Sec-Fetch-Site": "cross-site"},
         {"Origin": "null"},
+        {"Origin": "http://127.0.0.1:9", "Sec-Fetch-Site": "same-origin"},
     ],
 )
 def test_state_changing_requests_from_anywhere_but_our_pages_change_nothing(
@@ -184,7 +191,23 @@ def test_read_and_project_restricted_tokens_see_only_what_they_may(
             ).status_code
             == 403
         )
+        for path in (
+            f"/console/data/projects/{deployment.project}/curve",
+            f"/console/projects/{deployment.project}/tuning/any-study/heatmaps.png",
+            f"/console/projects/{deployment.project}/confirm/pause",
+            # A name that does not exist is refused alike: no telling which names do.
+            "/console/projects/no-such-project",
+        ):
+            assert client.get(path).status_code == 403, path
+
+    with _client(deployment) as client:
+        _signed_in(client, _token(deployment.engine, "write"))
         assert client.get("/console/projects/no-such-project").status_code == 404
+        assert client.get("/console/projects/no-such-project/confirm/pause").status_code == 404
+        # No tuning study was ever stored: a 404, and reading made no storage either.
+        heatmaps = f"/console/projects/{deployment.project}/tuning/any-study/heatmaps.png"
+        assert client.get(heatmaps).status_code == 404
+        assert not storage_exists(deployment.engine)
 
 
 def test_actions_are_the_apis_own_and_audited_alike(deployment: Deployment) -> None:
@@ -293,6 +316,7 @@ def test_the_pages_data_one_point_per_model_with_intervals(deployment: Deploymen
     judged = [p for p in curve if p["macro_f1"] is not None]
     assert judged, "no model was judged on held-out items"
     for point in judged:
+        assert len(point["classes"]) == 2
         for row in point["classes"]:
             low, high = row["recall_interval"]
             assert 0.0 <= low <= row["recall"] <= high <= 1.0
@@ -310,3 +334,81 @@ def test_the_api_docs_load_only_from_this_server(deployment: Deployment) -> None
         bundle = client.get(REDOC_JS)
         assert bundle.status_code == 200 and REMOTE_LOGO not in bundle.content
         assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+
+
+def test_cycle_status_watch_follows_a_project_until_ctrl_c(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    settings = deployment.settings.model_copy(
+        update={"database_url": deployment.engine.url.render_as_string(hide_password=False)}
+    )
+    output = tmp_path / "watch.out"
+    with output.open("wb") as sink:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "services.cli",
+                "cycle",
+                "status",
+                deployment.project,
+                "--watch",
+            ],
+            env=child_environment(settings),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        def printed(text: str) -> bool:
+            deadline = time.monotonic() + 60
+            while text not in output.read_text(errors="replace"):
+                assert process.poll() is None, output.read_text(errors="replace")
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.2)
+            return True
+
+        assert printed(f"{deployment.project} · cycle #"), output.read_text()
+        with db.session_scope(deployment.engine) as session:
+            project = session.exec(select(Project).where(Project.name == deployment.project)).one()
+            number = 1 + max(
+                session.exec(select(Cycle.number).where(Cycle.project_id == project.id)).all()
+            )
+            now = utcnow()
+            session.add(
+                Cycle(
+                    project_id=project.id or 0,
+                    number=number,
+                    state=CycleState.TRAINING,
+                    trigger="written by the test",
+                    progress={
+                        "epoch": 7, "epochs": 50, "train_loss": 0.125, "val_loss": None,
+                        "started_at": now.isoformat(), "at": now.isoformat(),
+                    },
+                )
+            )  # fmt: skip
+        assert printed(f"cycle #{number} training: epoch 7 of at most 50, loss 0.1250"), (
+            output.read_text()
+        )
+        # The REST API reports the same progress.
+        with _client(deployment) as client:
+            token = _token(deployment.engine, "read")
+            (newest,) = client.get(
+                f"/api/v1/projects/{deployment.project}/cycles",
+                params={"limit": 1},
+                headers={"Authorization": f"Bearer {token}"},
+            ).json()
+        assert (newest["number"], newest["progress"]["epoch"], newest["progress"]["epochs"]) == (
+            number, 7, 50,
+        )  # fmt: skip
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        with db.session_scope(deployment.engine) as session:
+            for row in session.exec(select(Cycle).where(Cycle.trigger == "written by the test")):
+                row.state = CycleState.CANCELLED
+                session.add(row)

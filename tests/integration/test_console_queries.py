@@ -1,8 +1,11 @@
 """The console's queries on PostgreSQL never scan the item table: a project's pool can hold a
 million items, and every page and data endpoint must stay fast (`focalloop bench console`
 measures them). Each statement the pages run is captured and EXPLAINed with sequential scans
-discouraged, so a plan that still scans `item` has no index to use."""
+discouraged, so a plan that still scans `item` has no index to use. A walk along a whole index
+of `item` (an index scan with no condition: what a merge join in id order does) counts as a
+scan too."""
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,50 @@ from tests.integration.cycle_helpers import project_with_models
 
 pytestmark = pytest.mark.timeout(120)
 SAME = {"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"}
+
+
+SCAN_OF_ITEM = re.compile(
+    r"(Seq Scan|Index Scan|Index Only Scan)( Backward)?( using \S+)? on item\b"
+)
+
+
+def item_scans(plan: list[str]) -> list[str]:
+    """The plan's nodes that read `item` without a condition on an index: sequential scans, and
+    index scans with no "Index Cond" among their details."""
+    found = []
+    for index, line in enumerate(plan):
+        if not SCAN_OF_ITEM.search(line):
+            continue
+        depth = len(line) - len(line.lstrip(" ->"))
+        details = []
+        for following in plan[index + 1 :]:
+            if (
+                following.lstrip().startswith("->")
+                or len(following) - len(following.lstrip()) <= depth
+            ):
+                break
+            details.append(following.strip())
+        if "Seq Scan" in line or not any(d.startswith("Index Cond") for d in details):
+            found.append(line.strip())
+    return found
+
+
+def test_a_walk_along_a_whole_index_counts_as_a_scan() -> None:
+    merge_join = [
+        "Merge Join  (cost=179.76..762.40 rows=1 width=25)",
+        "  Merge Cond: (item.id = labeltask.item_id)",
+        "  ->  Index Scan using item_pkey on item  (cost=0.42..54822.43 rows=567 width=17)",
+        "        Filter: ((status)::text = ANY ('{queued,in_review}'::text[]))",
+        "  ->  Sort  (cost=179.32..180.57 rows=500 width=16)",
+    ]
+    by_index = [
+        "Index Only Scan using ix_item_eval_set on item  (cost=0.14..188.27 rows=100 width=9)",
+        "  Index Cond: (project_id = 1)",
+    ]
+    assert item_scans(merge_join) == [merge_join[2].strip()]
+    assert item_scans(by_index) == []
+    assert item_scans(["Seq Scan on item  (cost=0.00..5.50 rows=200 width=22)"]) != []
+    assert item_scans(["Seq Scan on itemstatus  (cost=0.00..5.50 rows=200 width=22)"]) == []
 
 
 class Recorder:

@@ -92,6 +92,16 @@ def test_a_study_is_started_watched_read_and_applied_through_the_api(
         assert png.headers["content-type"] == "image/png" and png.content[:4] == b"\x89PNG"
         assert client.get(f"{base}/missing", headers=read).status_code == 404
 
+        # The console shows the study and draws its heatmaps (signed in with the same token).
+        origin = {"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"}
+        token = read["Authorization"].removeprefix("Bearer ")
+        assert client.post("/console/sign-in", data={"token": token}, headers=origin).is_success
+        page = client.get(f"/console/projects/{name}").text
+        heatmaps = f"/console/projects/{name}/tuning/{study['name']}/heatmaps.png"
+        assert f"{study['name']}: complete (3 of 3 trials" in page and f'src="{heatmaps}"' in page
+        assert client.get(heatmaps).content == png.content
+        client.cookies.clear()
+
         applied = client.post(f"{base}/{study['name']}/apply", headers=write)
         assert applied.status_code == 200, applied.text
         best = figures["best"]

@@ -15,8 +15,8 @@ import sqlalchemy as sa
 from fastapi import Depends, HTTPException, Request
 from sqlmodel import select
 
-from services.api.deps import EngineDep
-from services.auth import Principal, authenticate
+from services.api.deps import EngineDep, authenticated
+from services.auth import Principal
 from services.db import session_scope
 from services.models import Project, TokenScope
 
@@ -32,6 +32,8 @@ class SignInRequiredError(Exception):
 
 
 class CrossOrigin(HTTPException):
+    """403 for a state-changing request that did not come from one of the console's pages."""
+
     def __init__(self) -> None:
         super().__init__(403, "refused: this request did not come from a page of this console")
 
@@ -64,10 +66,7 @@ async def form_fields(request: Request) -> dict[str, str]:
 
 
 def principal_of(engine: sa.Engine, secret: str | None) -> Principal | None:
-    if not secret:
-        return None
-    with session_scope(engine) as session:
-        return authenticate(session, secret)
+    return authenticated(engine, secret) if secret else None
 
 
 @dataclass(frozen=True)
@@ -102,11 +101,16 @@ def get_actor(request: Request, viewer: Annotated[Viewer, Depends(get_viewer)]) 
     return viewer
 
 
-def visible_project(session_engine: sa.Engine, viewer: Viewer, name: str) -> None:
-    """403 when the viewer's token is restricted to another project (404s stay the routes')."""
-    with session_scope(session_engine) as session:
+def visible_project(engine: sa.Engine, viewer: Viewer, name: str) -> None:
+    """403 when the viewer's token is restricted to another project, whether `name` exists or
+    not (a 404 would tell a restricted token which names exist); 404s for unrestricted tokens
+    stay the routes'."""
+    restricted_to = viewer.principal.project_id
+    if restricted_to is None:
+        return
+    with session_scope(engine) as session:
         project_id = session.exec(select(Project.id).where(Project.name == name)).first()
-    if project_id is not None and viewer.principal.project_id not in (None, project_id):
+    if project_id != restricted_to:
         raise HTTPException(403, f"this token is restricted to another project than {name!r}")
 
 

@@ -31,6 +31,7 @@ from services.api.console.auth import (
 from services.api.console.history import learning_curve, reliability_of
 from services.api.console.tuning import heatmaps, studies_of
 from services.api.deps import EngineDep, SessionDep, SettingsDep
+from services.db import session_scope
 from services.errors import Conflict, FocalloopError, InvalidInput, NotFound, TransientError
 from services.overview import (
     dataset_versions,
@@ -229,6 +230,8 @@ def confirm_page(
         raise HTTPException(404, f"no console action {action!r}")
     if not viewer.can_act:
         raise HTTPException(403, "this needs a token with the write scope")
+    with session_scope(engine) as session:
+        project = get_project(session, project).name  # 404 for a project that does not exist
     title, _, _ = ACTIONS[action]
     return page(
         request,

@@ -1,20 +1,14 @@
-"""Tuning studies on the project page (`focalloop tune`), with their heatmaps.
-
-Optuna's storage is opened only where a study was ever stored: opening it costs a connection
-and a schema check, which a deployment that never tuned should not pay on every page view.
-"""
+"""Tuning studies on the project page (`focalloop tune`), with their heatmaps. Neither opens
+(or creates) Optuna's storage where no study was ever stored (`services.tuning.studies`)."""
 
 import sqlalchemy as sa
 
 from services.tuning.report import heatmaps_png
 from services.tuning.studies import StudyStatus, list_studies, load, results
-from services.tuning.study import storage_exists
 
 
 def studies_of(engine: sa.Engine, project: str) -> list[StudyStatus]:
-    """The project's studies, newest first ([] when none was ever stored)."""
-    if not storage_exists(engine):
-        return []
+    """The project's studies, newest first."""
     return list(reversed(list_studies(engine, project)))
 
 
