@@ -144,7 +144,7 @@ def _events_refused(session: Session, project: Project, now: datetime) -> str | 
         .where(
             InboxEvent.project_id == project.id,
             col(InboxEvent.error).is_not(None),
-            col(InboxEvent.received_at) >= now - REFUSED_EVENT_WINDOW,
+            col(InboxEvent.processed_at) >= now - REFUSED_EVENT_WINDOW,  # refused then
         )
     ).one()
     return f"{refused} labeling event(s) refused in the last hour" if refused else None

@@ -173,6 +173,9 @@ def test_each_alert_rule_holds_when_its_condition_does(engine: sa.Engine, tmp_pa
             project_id=project.id,
             payload={},
             error="label 'x' is not in the label set",
+            # Processed: a pending event would be picked up by other tests' ingest on the
+            # shared PostgreSQL database.
+            processed_at=now,
         ),
     )
     assert (
