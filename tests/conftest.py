@@ -13,6 +13,11 @@ from sklearn.datasets import load_digits
 # this file is imported before any test module.
 os.environ["MOTO_DISABLE_GLOBAL_CORS"] = "true"
 
+# One Label Studio for the whole session. A session fixture imported into several test modules
+# is a separate fixture in each (one server start per module, about 40 s each); a plugin
+# registered here defines it once.
+pytest_plugins = ["tests.integration.ls_harness"]
+
 
 @dataclass(frozen=True)
 class Digits:

@@ -412,6 +412,7 @@ def _summary(
     from services.local import DEMO_PROJECT
 
     console.print(f"[bold]focalloop is up[/] (state and data in {settings.data_dir})")
+    console.print(f"  console    {api_url}/ (sign in with the admin token below)")
     console.print(f"  API        {api_url}/docs")
     console.print(
         f"  token      {'created: ' if created_token else ''}an admin token is in {token_file}"

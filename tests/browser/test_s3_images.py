@@ -37,10 +37,7 @@ from tests.browser.screen import (
 from tests.integration.conftest import unique_name
 from tests.integration.ls_harness import (
     ApiServer,
-    annotator,
     inbox_count,
-    label_studio,
-    ls_token,
     wait_for,
 )
 from tests.integration.ls_project import (
@@ -58,13 +55,10 @@ from tests.integration.ls_project import (
 )
 
 __all__ = [
-    "annotator",
     "api",
     "api_port",
     "broker",
-    "label_studio",
     "ls_settings",
-    "ls_token",
     "sqlite_engine",
 ]  # fixtures, used by name
 

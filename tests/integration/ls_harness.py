@@ -1,5 +1,8 @@
 """A real Label Studio server per test session and a real uvicorn server for our API.
 
+Registered as a plugin by tests/conftest.py: test modules take `label_studio`, `ls_token` and
+`annotator` by name and never import them (an imported fixture would start a server per module).
+
 Label Studio is installed (once, cached under ~/.cache/focalloop) into its own virtualenv and
 started on a free loopback port with a fresh data directory; under CI a failure to install or
 start it fails the tests that need it.

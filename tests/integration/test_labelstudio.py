@@ -39,10 +39,7 @@ from tests.integration.ls_harness import (
     TOKEN_ENV,
     WEBHOOK_SECRET,
     ApiServer,
-    annotator,
     inbox_count,
-    label_studio,
-    ls_token,
     wait_for,
 )
 from tests.integration.ls_project import (
@@ -63,13 +60,10 @@ from tests.integration.ls_project import (
 )
 
 __all__ = [
-    "annotator",
     "api",
     "api_port",
     "broker",
-    "label_studio",
     "ls_settings",
-    "ls_token",
     "sqlite_engine",
 ]  # fixtures, used by name
 

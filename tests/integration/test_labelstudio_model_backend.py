@@ -24,10 +24,7 @@ from tests.conftest import Digits
 from tests.integration.cycle_helpers import make_digits_project, run_stages
 from tests.integration.ls_harness import (
     ApiServer,
-    annotator,
     inbox_count,
-    label_studio,
-    ls_token,
     wait_for,
 )
 from tests.integration.ls_project import (
@@ -48,13 +45,10 @@ from tests.integration.ls_project import (
 )
 
 __all__ = [
-    "annotator",
     "api",
     "api_port",
     "broker",
-    "label_studio",
     "ls_settings",
-    "ls_token",
     "sqlite_engine",
 ]  # fixtures, used by name
 

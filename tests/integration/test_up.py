@@ -143,6 +143,9 @@ def test_up_runs_the_whole_loop_on_a_private_redis(tmp_path: Path, running: list
     )
     text = up.text()
     assert "focalloop is up" in text and "a private redis-server" in text
+    # The banner's first address is the console, which asks for a token before anything else.
+    console_url = re.search(r"^  console +(\S+) ", text, re.M).group(1)  # type: ignore[union-attr]
+    assert httpx.get(console_url, follow_redirects=True).url.path == "/console/sign-in"
     redis_port = int(re.search(r"redis-server on 127\.0\.0\.1:(\d+)", text).group(1))  # type: ignore[union-attr]
     assert up.stop(signal.SIGINT) == 0
     # Ctrl-C took everything down: the API, the private redis-server, the worker and beat.
