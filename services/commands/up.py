@@ -369,7 +369,7 @@ def _serve_in_process(settings: Settings, engine: sa.Engine, port: int) -> None:
     import uvicorn
 
     from services import logs
-    from services.api.app import create_app
+    from services.api.app import create_app, freeze_startup_objects
     from services.commands.gate_watch import GateWatch
     from services.commands.live_status import LiveStatus, status_lines
     from services.cycle.runner import InProcessLoop
@@ -380,6 +380,8 @@ def _serve_in_process(settings: Settings, engine: sa.Engine, port: int) -> None:
         fmt=settings.log_format,
         path=settings.data_dir / "logs" / "up.log",
     )
+    app = create_app(settings, engine=engine)
+    freeze_startup_objects()  # before the loop's thread allocates what it trains
     loop = InProcessLoop(engine, settings)
     loop.start()
     watch = GateWatch(engine, console)
@@ -388,7 +390,7 @@ def _serve_in_process(settings: Settings, engine: sa.Engine, port: int) -> None:
     status.start()
     try:
         uvicorn.run(
-            create_app(settings, engine=engine),
+            app,
             host="127.0.0.1",
             port=port,
             log_config=None,

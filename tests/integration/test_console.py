@@ -28,7 +28,7 @@ from services.models import AuditEntry, Cycle, CycleState, ModelVersion, Project
 from services.projects import ProjectSpec, create_project
 from services.tuning.study import storage_exists
 from tests.conftest import Digits
-from tests.integration.conftest import PrivateRedis, free_port
+from tests.integration.conftest import PrivateRedis, free_port, insert_row
 from tests.integration.cycle_helpers import project_with_models
 
 pytestmark = pytest.mark.timeout(120)
@@ -412,3 +412,59 @@ def test_cycle_status_watch_follows_a_project_until_ctrl_c(
             for row in session.exec(select(Cycle).where(Cycle.trigger == "written by the test")):
                 row.state = CycleState.CANCELLED
                 session.add(row)
+
+
+def _drawn(page: str) -> dict[int, str]:
+    """Model version -> the promotion class of its macro-F1 marker on the project page."""
+    return {
+        int(version): kind
+        for kind, version in re.findall(
+            r'<circle class="point (promotion-\w+)[^"]*"[^>]*data-series="macro-F1" '
+            r'data-version="(\d+)"',
+            page,
+        )
+    }
+
+
+def test_the_learning_curve_follows_every_change_to_the_models(deployment: Deployment) -> None:
+    """The curve and its charts are kept between views (services/api/console/curve_cache.py):
+    a model recorded, its decision rewritten or a model removed shows on the next view."""
+    page_url = f"/console/projects/{deployment.project}"
+    curve_url = f"/console/data/projects/{deployment.project}/curve"
+    with db.session_scope(deployment.engine) as session:
+        newest = session.exec(
+            select(ModelVersion)
+            .join(Project, col(Project.id) == col(ModelVersion.project_id))
+            .where(Project.name == deployment.project)
+            .order_by(col(ModelVersion.version).desc())
+            .limit(1)
+        ).one()
+        added = ModelVersion(
+            **newest.model_dump(exclude={"id", "version", "promotion", "promotion_reason"}),
+            version=newest.version + 1,
+            promotion=Promotion.REJECTED,
+            promotion_reason="rejected by this test",
+        )
+    with _client(deployment) as client:
+        _signed_in(client, _token(deployment.engine, "read"))
+        before = _drawn(client.get(page_url).text)
+        assert before and _drawn(client.get(page_url).text) == before  # a cached view alike
+        try:
+            insert_row(deployment.engine, added)
+            page = client.get(page_url).text
+            assert _drawn(page) == before | {added.version: "promotion-rejected"}
+            assert "rejected by this test" in page
+            assert [p["version"] for p in client.get(curve_url).json()][-1] == added.version
+            with db.session_scope(deployment.engine) as session:
+                row = session.get(ModelVersion, added.id)
+                assert row is not None
+                row.promotion_reason = "reason rewritten by this test"
+            page = client.get(page_url).text
+            assert "reason rewritten by this test" in page and "rejected by this test" not in page
+        finally:
+            with db.session_scope(deployment.engine) as session:
+                row = session.get(ModelVersion, added.id)
+                if row is not None:
+                    session.delete(row)
+        assert _drawn(client.get(page_url).text) == before
+        assert added.version not in [p["version"] for p in client.get(curve_url).json()]

@@ -28,7 +28,8 @@ from services.api.console.auth import (
     principal_of,
     visible_project,
 )
-from services.api.console.history import learning_curve, reliability_of
+from services.api.console.curve_cache import project_curve
+from services.api.console.history import reliability_of
 from services.api.console.tuning import heatmaps, studies_of
 from services.api.deps import EngineDep, SessionDep, SettingsDep
 from services.db import session_scope
@@ -150,21 +151,13 @@ def project_page(
 ) -> HTMLResponse:
     visible_project(engine, viewer, project)
     row = get_project(session, project)
-    models = learning_curve(session, row)
-    labels = list(row.labels)
+    curve = project_curve(session, row)
     context = {
         "viewer": viewer,
         "project": row,
         "glance": glance(session, row),
-        "models": list(reversed(models)),
-        "charts": {
-            "macro_f1": figures.macro_f1_chart(models),
-            "recall": figures.per_class_chart(models, labels, "recall"),
-            "precision": figures.per_class_chart(models, labels, "precision"),
-            "hardness": figures.hardness_chart(models),
-            "focal": figures.focal_percentile_chart(models),
-            "calibration": figures.calibration_chart(models),
-        },
+        "models": list(reversed(curve.models)),
+        "charts": curve.charts,
         "reliability": figures.reliability(reliability_of(session, row)),
         "queue": queue_status(session, row),
         "evaluation": evaluation_items(session, row),
@@ -201,7 +194,7 @@ def curve_data(
     """The learning curve's points, one per model version (what the charts draw)."""
     visible_project(engine, viewer, project)
     row = get_project(session, project)
-    return data([point.to_dict() for point in learning_curve(session, row)])
+    return data([point.to_dict() for point in project_curve(session, row).models])
 
 
 @router.get("/console/projects/{project}/tuning/{study}/heatmaps.png")
