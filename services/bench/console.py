@@ -284,9 +284,9 @@ def seed(engine: sa.Engine, *, items: int, models: int, cycles: int) -> str:
             )
         )  # fmt: skip
     if engine.dialect.name == "postgresql":
-        # What autovacuum does to a database this old: statistics, and the visibility map that
-        # index-only scans need (without it they visit the heap; autovacuum running during the
-        # timed requests made medians vary from 120 to 190 ms between runs).
+        # What autovacuum would have done to a database this old by now: statistics, and the
+        # visibility map that index-only scans use (without it they visit the heap), so that
+        # autovacuum does not start on the fresh tables while requests are timed.
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
             connection.exec_driver_sql("VACUUM ANALYZE")
     return "console-bench"

@@ -2,13 +2,14 @@
 there). Server-rendered HTML (templates/) with server-drawn SVG charts (charts.py), one small
 script (static/console.js) that refreshes the live cycle view, nothing from any other host.
 
-auth.py     signing in with an API token (kept in the console's own cookie), same-origin checks
-history.py  the learning curve: one point per model version, intervals, promotion decisions
-figures.py  the project page's charts (charts.py draws them)
+auth.py         signing in with an API token (kept in the console's own cookie), same-origin
+                checks
+history.py      the learning curve: one point per model version, intervals, promotion decisions
+figures.py      the project page's charts (charts.py draws them)
 curve_cache.py  the learning curve and its charts, kept until the models behind them change
-actions.py  what a write token may do: start/cancel a cycle, pause/resume, promote/roll back
-tuning.py   tuning studies and their heatmaps
-routes.py   the pages, the JSON the script polls, the actions' forms
+actions.py      what a write token may do: start/cancel a cycle, pause/resume, promote/roll back
+tuning.py       tuning studies and their heatmaps
+routes.py       the pages, the JSON the script polls, the actions' forms
 
 What a project looks like right now (the glance, the live cycle, label issues, dataset versions)
 is services/overview.py, shared with the terminal's live status; the alerts are services/alerts.py.
